@@ -1,0 +1,102 @@
+"""The nats-server configuration of the embedded stack: JetStream on, one user per service.
+
+Each service may publish only its own events (``contracts.names.SERVICE_PUBLISHES``), its own dead letters,
+and what JetStream needs to consume (API requests, acks, inboxes). The ``admin`` user (the CLI, operators,
+tests) may do everything.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from contracts.names import SERVICE_PUBLISHES, SERVICES, Subjects
+
+__all__ = ["ADMIN_USER", "NatsConfig", "service_permissions"]
+
+ADMIN_USER = "admin"
+
+# Extra publish rights beyond a service's own events.
+_EXTRA_PUBLISH: dict[str, tuple[str, ...]] = {
+    "registry": ("{p}.audit.>", "$KV.{rollout}.>"),
+}
+
+
+def service_permissions(
+    service: str, subjects: Subjects, *, any_prefix: bool = False
+) -> dict[str, dict[str, list[str]]]:
+    """The publish/subscribe allow lists of one service's NATS user.
+
+    ``any_prefix`` grants the same rights under every subject prefix (tests run each case under a fresh
+    prefix on one server); an install grants them under its own prefix only.
+    """
+    p = "*" if any_prefix else subjects.prefix
+    rollout = "*_rollout" if any_prefix else subjects.kv.rollout
+    own = [f"{p}.{event_type}.>" for event_type in SERVICE_PUBLISHES.get(service, ())]
+    extra = [s.format(p=p, rollout=rollout) for s in _EXTRA_PUBLISH.get(service, ())]
+    return {
+        "publish": {
+            "allow": [
+                *own,
+                *extra,
+                f"{p}.dlq.{service}",
+                "$JS.API.>",  # stream/consumer info, consumer creation, pull requests, KV reads
+                "$JS.ACK.>",  # acks, naks, in-progress
+                "_INBOX.>",  # replies to admin requests
+            ]
+        },
+        "subscribe": {"allow": ["_INBOX.>", f"{p}.>"]},
+    }
+
+
+@dataclass
+class NatsConfig:
+    """A rendered nats-server config plus the credentials it holds."""
+
+    store_dir: Path
+    port: int
+    http_port: int
+    subjects: Subjects = field(default_factory=Subjects)
+    host: str = "127.0.0.1"
+    passwords: dict[str, str] = field(default_factory=dict)
+    any_prefix: bool = False
+
+    def __post_init__(self) -> None:
+        for user in (ADMIN_USER, *SERVICES):
+            self.passwords.setdefault(user, secrets.token_urlsafe(18))
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def render(self) -> str:
+        users: list[dict[str, Any]] = [{"user": ADMIN_USER, "password": self.passwords[ADMIN_USER]}]
+        users += [
+            {
+                "user": service,
+                "password": self.passwords[service],
+                "permissions": service_permissions(service, self.subjects, any_prefix=self.any_prefix),
+            }
+            for service in SERVICES
+        ]
+        # nats-server's config format accepts JSON values, so json.dumps quotes everything safely.
+        return "\n".join(
+            [
+                f"listen: {json.dumps(f'{self.host}:{self.port}')}",
+                f"http: {json.dumps(f'{self.host}:{self.http_port}')}",
+                'server_name: "conveyor"',
+                "max_payload: 8MB",
+                f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}",
+                f"authorization {{ users: {json.dumps(users, indent=2)} }}",
+                "",
+            ]
+        )
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.render())
+        path.chmod(0o600)
+        return path

@@ -1,0 +1,177 @@
+"""The event bus of one service: a faststream NatsBroker, publishing of typed events, and consumers.
+
+``EventBus`` is what a service's ``app.py`` builds once and hands to its subscribers::
+
+    bus = EventBus(settings)
+    bus.consume(DatasetVersioned, trainer.on_dataset_versioned)   # returns the events to publish
+    await bus.start()
+    await bus.publish(ModelTrained(...))
+
+faststream's NatsBroker holds the connection and publishes (its telemetry middleware injects ``traceparent``);
+consumers are ``pull.PullConsumer`` loops that hand each raw message to ``consumer.Consumer``, which decodes
+and validates with ``contracts`` so a bad message becomes a dead letter with its reason.
+
+Publishing wraps the event in its CloudEvents envelope and sends ``Nats-Msg-Id`` = event id (JetStream drops a
+duplicate publish) and, through faststream's telemetry middleware, the W3C ``traceparent``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from faststream.nats import NatsBroker
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from faststream.security import SASLPlaintext
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, PubAck
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+
+from contracts.envelope import Event, encode
+from services.runtime.config import Settings
+from services.runtime.consumer import Consumer, Handler
+from services.runtime.metrics import Metrics
+from services.runtime.pull import PullConsumer, ensure_consumer
+from services.runtime.streams import ensure_streams
+from services.runtime.telemetry import setup_tracing
+
+__all__ = ["EventBus", "make_broker"]
+
+E = TypeVar("E", bound=Event)
+
+MSG_ID_HEADER = "Nats-Msg-Id"  # JetStream's de-duplication header (nats.js.api.Header.MSG_ID)
+
+
+def make_broker(
+    settings: Settings, tracer_provider: TracerProvider | None = None, **kwargs: Any
+) -> NatsBroker:
+    """A NatsBroker for ``settings``: credentials, client name, trace propagation, no per-message logging."""
+    security = None
+    if settings.nats_user:
+        password = settings.nats_password.get_secret_value() if settings.nats_password else ""
+        security = SASLPlaintext(username=settings.nats_user, password=password)
+    middlewares = [NatsTelemetryMiddleware(tracer_provider=tracer_provider)] if tracer_provider else []
+    return NatsBroker(
+        settings.nats_url,
+        name=f"conveyor-{settings.service}",
+        security=security,
+        middlewares=middlewares,
+        apply_types=False,
+        logger=kwargs.pop("logger", None),
+        max_reconnect_attempts=-1,
+        **kwargs,
+    )
+
+
+class EventBus:
+    """One service's connection to the bus. Build it once; tests build one per simulated service."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        span_processors: Sequence[SpanProcessor] = (),
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.subjects = settings.subjects
+        self.metrics = metrics or Metrics()
+        self.tracer_provider = setup_tracing(settings, *span_processors)
+        self.broker = make_broker(settings, self.tracer_provider)
+        self.source = f"conveyor/{settings.service}"
+        self._consumers: list[tuple[Consumer[Any], str, int]] = []
+        self._pulls: list[PullConsumer] = []
+
+    async def prepare(self) -> None:
+        """Connect and make sure the streams and KV buckets exist (before any durable consumer attaches)."""
+        await self.broker.connect()
+        await ensure_streams(self.js, self.subjects)
+
+    async def start(self) -> None:
+        """Prepare, then start the consumers."""
+        await self.prepare()
+        await self.broker.start()
+        await self.start_consumers()
+
+    async def stop(self) -> None:
+        await self.stop_consumers()
+        await self.broker.stop()
+        self.flush()
+
+    def flush(self) -> None:
+        self.tracer_provider.force_flush(5000)
+
+    async def __aenter__(self) -> EventBus:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The nats-py JetStream context of the connected broker (KV, stream info)."""
+        return self.broker.config.connection_state.stream
+
+    @property
+    def nc(self) -> Client:
+        return self.broker.config.connection_state.connection
+
+    async def publish(self, event: Event, *, timeout: float = 5.0) -> PubAck:
+        """Publish one event to its subject and stream.
+
+        ``PubAck.duplicate`` is true when JetStream dropped it as a duplicate of an earlier publish.
+        """
+        envelope, body = encode(event, self.source)
+        subject = self.subjects.event(event.type, event.subject_name())
+        ack = await self.broker.publish(
+            body,
+            subject,
+            headers={MSG_ID_HEADER: envelope.id, "Content-Type": "application/cloudevents+json"},
+            stream=self.subjects.stream_for(subject),
+            timeout=timeout,
+        )
+        self.metrics.published.labels(self.settings.service, event.type).inc()
+        return ack
+
+    def consume(
+        self,
+        event_cls: type[E],
+        handler: Handler[E],
+        *,
+        name: str = "*",
+        durable: str | None = None,
+        max_in_flight: int = 16,
+    ) -> Consumer[E]:
+        """Register a durable pull consumer of ``event_cls`` events (every name by default).
+
+        Replicas of a service share the durable, so they share the work. ``max_in_flight`` bounds how many
+        messages one replica handles at once (1 for one-at-a-time work such as training). Consumers start
+        with ``start()``.
+        """
+        durable = durable or f"{self.settings.service}-{event_cls.type.replace('.', '-')}"
+        consumer = Consumer(self, event_cls, handler, durable)
+        self._consumers.append((consumer, self.subjects.event_filter(event_cls.type, name), max_in_flight))
+        return consumer
+
+    async def start_consumers(self) -> None:
+        for consumer, subject, max_in_flight in self._consumers:
+            stream = self.subjects.stream_for(subject)
+            config = ConsumerConfig(
+                durable_name=consumer.durable,
+                filter_subject=subject,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self.settings.ack_wait_s,
+                max_deliver=-1,  # the consumer dead-letters after max_deliveries itself
+                max_ack_pending=max(1000, max_in_flight),
+            )
+            await ensure_consumer(self.js, stream, config)
+            pull = PullConsumer(self.nc, stream, consumer.durable, consumer, max_in_flight=max_in_flight)
+            await pull.start()
+            self._pulls.append(pull)
+
+    async def stop_consumers(self) -> None:
+        for pull in self._pulls:
+            await pull.stop()
+        self._pulls.clear()

@@ -1,0 +1,83 @@
+"""Typed settings shared by every service and the CLI (environment prefix ``CONVEYOR_``).
+
+Local mode (the embedded stack, tests) may run on generated or default credentials; production mode refuses
+to start unless every secret is set and none is a local default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contracts.names import Subjects, validate_prefix
+
+__all__ = ["LOCAL_DEFAULT_SECRETS", "Settings"]
+
+# Defaults that are fine on a laptop and refused in production.
+LOCAL_DEFAULT_SECRETS = {"conveyor-local", "conveyor-local-secret", "conveyor-admin"}
+
+
+class Settings(BaseSettings):
+    """What every process reads; each service subclasses it with its own fields."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore", env_file=None)
+
+    mode: Literal["local", "production"] = "local"
+    service: str = Field("conveyor", description="the name this process reports in logs, traces and metrics")
+    subject_prefix: str = Field("conveyor", description="first token of every subject; keeps installs apart")
+    state_dir: Path = Field(Path(".conveyor"), description="where the embedded stack keeps its data and logs")
+
+    nats_url: str = "nats://127.0.0.1:14222"
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+
+    s3_endpoint: str = "http://127.0.0.1:19100"
+    s3_access_key: str = "conveyor-local"
+    s3_secret_key: SecretStr = SecretStr("conveyor-local-secret")
+    s3_region: str = "us-east-1"
+
+    mlflow_url: str = "http://127.0.0.1:15100"
+    triton_url: str = "http://127.0.0.1:18100"
+    gateway_url: str = "http://127.0.0.1:18180"
+    admin_token: SecretStr = SecretStr("conveyor-admin")
+
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint; unset: no export")
+    otlp_headers: dict[str, str] = Field(default_factory=dict)
+    log_level: str = "INFO"
+    http_port: int = Field(0, description="health, readiness and /metrics; 0 picks a free port")
+
+    max_deliveries: int = Field(5, ge=1, description="deliveries before a failing message is dead-lettered")
+    retry_base_delay_s: float = Field(1.0, gt=0, description="first nak delay; doubles per delivery")
+    retry_max_delay_s: float = Field(60.0, gt=0)
+    ack_wait_s: float = Field(30.0, gt=0, description="JetStream ack wait; long handlers send progress")
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return validate_prefix(value)
+
+    @model_validator(mode="after")
+    def _no_default_secrets_in_production(self) -> Settings:
+        if self.mode != "production":
+            return self
+        problems = []
+        secrets = {
+            "CONVEYOR_S3_SECRET_KEY": self.s3_secret_key,
+            "CONVEYOR_ADMIN_TOKEN": self.admin_token,
+            "CONVEYOR_NATS_PASSWORD": self.nats_password,
+        }
+        for env, secret in secrets.items():
+            if secret is None or secret.get_secret_value() in LOCAL_DEFAULT_SECRETS:
+                problems.append(f"{env} must be set to a real secret in production mode")
+        if self.s3_access_key in LOCAL_DEFAULT_SECRETS:
+            problems.append("CONVEYOR_S3_ACCESS_KEY must be set in production mode")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def subjects(self) -> Subjects:
+        return Subjects(self.subject_prefix)

@@ -1,0 +1,51 @@
+"""The process around a service: its ASGI app (health, readiness, metrics) and how ``__main__`` runs it.
+
+Every service's ``app.py`` builds an ``EventBus``, registers its subscribers, and returns
+``build_app(bus)``; its ``__main__.py`` calls ``serve(app, settings)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import uvicorn
+from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
+from prometheus_client import make_asgi_app
+
+from services.runtime.bus import EventBus
+from services.runtime.config import Settings
+from services.runtime.telemetry import get_logger
+
+__all__ = ["build_app", "serve"]
+
+ReadyCheck = Callable[[], Awaitable[bool]]
+
+
+def build_app(bus: EventBus, *, ready: ReadyCheck | None = None) -> AsgiFastStream:
+    """``/healthz`` (connected to NATS), ``/readyz`` (connected and the service's own check), ``/metrics``."""
+
+    @get(include_in_schema=False)
+    async def readyz(scope: object) -> AsgiResponse:
+        ok = await bus.broker.ping(2.0) and (ready is None or await ready())
+        return AsgiResponse(b"ready" if ok else b"not ready", 200 if ok else 503)
+
+    app = AsgiFastStream(
+        bus.broker,
+        asgi_routes=[
+            ("/healthz", make_ping_asgi(bus.broker, timeout=2.0, include_in_schema=False)),
+            ("/readyz", readyz),
+            ("/metrics", make_asgi_app(bus.metrics.registry)),
+        ],
+        logger=None,
+        on_startup=[bus.prepare],  # streams exist before any durable consumer attaches
+        after_startup=[bus.start_consumers],
+        on_shutdown=[bus.stop_consumers],
+        after_shutdown=[bus.flush],
+    )
+    return app
+
+
+def serve(app: AsgiFastStream, settings: Settings) -> None:
+    """Run the app under uvicorn on ``CONVEYOR_HTTP_PORT`` until SIGTERM."""
+    get_logger().info("starting", service=settings.service, http_port=settings.http_port)
+    uvicorn.run(app, host="127.0.0.1", port=settings.http_port, log_level="warning", access_log=False)

@@ -1,0 +1,70 @@
+"""Idempotent creation of the streams and KV buckets of one install (DESIGN.md "Streams").
+
+Safe to call from every service at start-up and from ``conveyor up``: an existing stream is updated to the
+declared configuration, a missing one is created.
+"""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+
+from contracts.names import StreamSpec, Subjects
+
+__all__ = ["KV_HISTORY", "ensure_streams", "stream_config"]
+
+KV_HISTORY = 16  # rollout and policy changes kept per key; the audit stream keeps all of them
+
+
+def stream_config(spec: StreamSpec, *, replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        name=spec.name,
+        description=spec.description,
+        subjects=list(spec.subjects),
+        storage=StorageType.FILE,
+        max_age=spec.max_age_s or None,
+        max_bytes=spec.max_bytes,
+        deny_delete=spec.deny_delete,
+        deny_purge=spec.deny_purge,
+        duplicate_window=spec.duplicate_window_s,
+        num_replicas=replicas,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, subjects: Subjects, *, replicas: int = 1) -> list[str]:
+    """Create or update every stream and KV bucket; returns their names."""
+    names = []
+    for spec in subjects.streams():
+        config = stream_config(spec, replicas=replicas)
+        try:
+            await js.stream_info(spec.name)
+        except NotFoundError:
+            await js.add_stream(config)
+        else:
+            try:
+                await js.update_stream(config)
+            except BadRequestError as exc:
+                # e.g. deny_delete cannot be turned off again once the audit stream has it.
+                raise RuntimeError(
+                    f"stream {spec.name} exists with an incompatible configuration: {exc}"
+                ) from exc
+        names.append(spec.name)
+    for bucket, description in (
+        (subjects.kv.rollout, "rollout state per model; written only by the registry"),
+        (subjects.kv.policy, "per-model policy; written by `conveyor policy apply`"),
+    ):
+        try:
+            await js.key_value(bucket)
+        except BucketNotFoundError:
+            await js.create_key_value(
+                KeyValueConfig(
+                    bucket=bucket,
+                    description=description,
+                    history=KV_HISTORY,
+                    storage=StorageType.FILE,
+                    replicas=replicas,
+                )
+            )
+        names.append(bucket)
+    return names

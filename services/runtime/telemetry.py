@@ -1,0 +1,78 @@
+"""Traces (OpenTelemetry, carried across NATS hops in W3C ``traceparent`` headers) and JSON logs (structlog).
+
+Every log line carries ``service``, and inside a traced handler ``trace_id``, ``span_id`` and ``event_id``,
+so a log line leads to its trace and its event.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from contextvars import ContextVar
+from typing import Any
+
+import structlog
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from services.runtime.config import Settings
+
+__all__ = ["current_event_id", "get_logger", "setup_logging", "setup_tracing"]
+
+current_event_id: ContextVar[str | None] = ContextVar("conveyor_event_id", default=None)
+
+
+def setup_tracing(settings: Settings, *processors: SpanProcessor) -> TracerProvider:
+    """A tracer provider for this service: OTLP/HTTP export when ``CONVEYOR_OTLP_ENDPOINT`` is set.
+
+    Extra span processors (tests pass an in-memory exporter) are added too. The provider is returned rather
+    than installed globally, so two services in one test process keep their own ``service.name``.
+    """
+    provider = TracerProvider(resource=Resource.create({"service.name": settings.service}))
+    if settings.otlp_endpoint:
+        # Imported here: the exporter pulls in protobuf, which a process without export need not load.
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint, headers=settings.otlp_headers or None)
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
+    for processor in processors:
+        provider.add_span_processor(processor)
+    return provider
+
+
+def _add_trace_context(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event_dict.setdefault("trace_id", format(ctx.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(ctx.span_id, "016x"))
+    event_id = current_event_id.get()
+    if event_id:
+        event_dict.setdefault("event_id", event_id)
+    return event_dict
+
+
+def setup_logging(settings: Settings) -> None:
+    """JSON lines on stdout (the supervisor writes them to the service's rotated log file)."""
+    level = logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO)
+    logging.basicConfig(stream=sys.stdout, level=level, format="%(message)s", force=True)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _add_trace_context,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(service=settings.service)
+
+
+def get_logger(**bound: Any) -> Any:
+    return structlog.get_logger("conveyor").bind(**bound)
