@@ -46,6 +46,7 @@ class Settings(BaseSettings):
 
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint; unset: no export")
     otlp_headers: dict[str, str] = Field(default_factory=dict)
+    trace_sample_rate: float = Field(1.0, ge=0, le=1, description="fraction of new traces recorded")
     log_level: str = "INFO"
     http_port: int = Field(0, description="health, readiness and /metrics; 0 picks a free port")
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from nats.aio.msg import Msg
 from opentelemetry import propagate, trace
 
-from contracts.envelope import CloudEvent, Event, decode
+from contracts.envelope import EnvelopeHead, Event, decode
 from services.runtime.deadletters import dead_letter
 from services.runtime.errors import Outcome, TransientError, classify
 from services.runtime.telemetry import current_event_id, get_logger
@@ -34,7 +34,7 @@ E = TypeVar("E", bound=Event)
 class Delivery:
     """What a handler may want besides the event: its envelope and delivery, and a keep-alive."""
 
-    envelope: CloudEvent
+    envelope: EnvelopeHead
     subject: str
     num_delivered: int
     stream_seq: int

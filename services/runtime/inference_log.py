@@ -42,6 +42,7 @@ class InferenceLogger:
         self._buffered = 0
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
         self.log_ = get_logger(service=bus.settings.service, component="inference-log")
         registry = bus.metrics.registry
@@ -59,7 +60,11 @@ class InferenceLogger:
         return self.sample_rate >= 1.0 or random.random() < self.sample_rate
 
     def log(self, model: str, sample: InferenceSample) -> bool:
-        """Buffer one sample; False (and counted) when the buffer is full. Never blocks."""
+        """Buffer one sample; False (and counted) when the buffer is full. Never blocks.
+
+        The gateway builds samples from values it computed itself, so ``InferenceSample.model_construct``
+        (no validation) is the cheap and sufficient way to make one; the monitor validates on receipt.
+        """
         if self._buffered >= self.max_buffered:
             self.dropped.inc()
             return False
@@ -75,16 +80,17 @@ class InferenceLogger:
 
     async def stop(self) -> None:
         """Publish what is buffered, then stop."""
+        # A flag, not Task.cancel(): wait_for swallows a cancel that races with the event being set.
+        self._stopping = True
+        self._full.set()
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
         self._flush(force=True)
         if self._in_flight:
             await asyncio.wait(self._in_flight, timeout=10)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), self.flush_interval_s)
             self._full.clear()

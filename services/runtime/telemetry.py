@@ -17,6 +17,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 
 from services.runtime.config import Settings
 
@@ -28,10 +29,14 @@ current_event_id: ContextVar[str | None] = ContextVar("conveyor_event_id", defau
 def setup_tracing(settings: Settings, *processors: SpanProcessor) -> TracerProvider:
     """A tracer provider for this service: OTLP/HTTP export when ``CONVEYOR_OTLP_ENDPOINT`` is set.
 
-    Extra span processors (tests pass an in-memory exporter) are added too. The provider is returned rather
-    than installed globally, so two services in one test process keep their own ``service.name``.
+    Extra span processors (tests pass an in-memory exporter) are added too. With nothing to export to,
+    spans are not recorded (no cost), but trace ids still flow through NATS headers and into the logs. The
+    provider is returned rather than installed globally, so two services in one test process keep their
+    own ``service.name``.
     """
-    provider = TracerProvider(resource=Resource.create({"service.name": settings.service}))
+    exporting = bool(settings.otlp_endpoint or processors)
+    sampler = ParentBased(TraceIdRatioBased(settings.trace_sample_rate)) if exporting else ALWAYS_OFF
+    provider = TracerProvider(resource=Resource.create({"service.name": settings.service}), sampler=sampler)
     if settings.otlp_endpoint:
         # Imported here: the exporter pulls in protobuf, which a process without export need not load.
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

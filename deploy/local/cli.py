@@ -1,0 +1,253 @@
+"""The ``conveyor`` command: the embedded stack (up, down, status, demo) and the bus (events, dlq, policy)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from deploy.local.buscli import dlq_app, events_app, policy_app
+from deploy.local.config import StackSettings
+from deploy.local.lifecycle import preflight, spawn_supervisor, stop_stack
+from deploy.local.parts import tail
+from deploy.local.secrets import LocalSecrets
+from deploy.local.services import STACK_SERVICES
+from deploy.local.state import read_json, running_supervisor
+from deploy.local.status import collect_status
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="conveyor",
+    help="Conveyor: an event-driven MLOps loop. `conveyor up` starts the embedded stack (NATS JetStream, "
+    "an S3 store, MLflow, Triton and the services) with its state under .conveyor/ (CONVEYOR_STATE_DIR).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(events_app, name="events", help="Watch the events on the bus.")
+app.add_typer(dlq_app, name="dlq", help="Dead letters: list them with their reasons, replay one.")
+app.add_typer(policy_app, name="policy", help="Per-model policy: apply a YAML file, show a model's policy.")
+
+console = Console()
+err = Console(stderr=True)
+ICONS = {"healthy": "[green]✓ healthy", "failed": "[red]✗ failed", "pending": "[dim]· waiting"}
+
+
+def _progress_table(state: dict[str, Any] | None, elapsed: float) -> Table:
+    table = Table(title=f"conveyor up ({elapsed:.1f} s)", title_justify="left", box=None)
+    for column in ("part", "status", "ports", "ready in"):
+        table.add_column(column)
+    for part in (state or {}).get("parts", []):
+        status = part.get("status", "pending")
+        ports = ", ".join(str(p) for p in (part.get("ports") or {}).values())
+        ready = f"{part['healthy_after_s']:.1f} s" if part.get("healthy_after_s") is not None else ""
+        table.add_row(part["name"], ICONS.get(status, f"[yellow]… {status}"), ports, ready)
+    return table
+
+
+def _fail_up(settings: StackSettings, state: dict[str, Any] | None, reason: str) -> None:
+    """Explain a failed start with the failing part's log tail, stop what started, exit 1."""
+    parts = (state or {}).get("parts", [])
+    failed = next((p for p in parts if p.get("status") == "failed"), None)
+    failed = failed or next((p for p in parts if p.get("status") == "starting"), None)
+    err.print(f"[red bold]conveyor up failed:[/] {reason}")
+    log = settings.logs_dir / "supervisor.out"
+    if failed:
+        log = settings.logs_dir / f"{failed['name']}.log"
+    elif not tail(log):
+        log = settings.logs_dir / "supervisor.log"
+    if text := tail(log, 25):
+        err.print(f"--- last lines of {log} ---", markup=False)
+        err.print(text, markup=False, highlight=False)
+    report = stop_stack(settings)
+    if report.stopped:
+        err.print(f"stopped what had started: {', '.join(report.stopped)}")
+    err.print(
+        "What to do: fix the cause shown above and run `conveyor up` again; "
+        f"every part logs to {settings.logs_dir}/; `conveyor up --foreground` shows the supervisor live."
+    )
+    raise typer.Exit(1)
+
+
+def _start(settings: StackSettings, timeout: float | None, quiet: bool = False) -> None:
+    pid = running_supervisor(settings.pid_file)
+    if pid is not None:
+        err.print(
+            f"Conveyor is already running (supervisor pid {pid}, state in {settings.state_dir}). "
+            "See `conveyor status`, or stop it with `conveyor down` first."
+        )
+        raise typer.Exit(1)
+    secrets = LocalSecrets.load_or_create(settings.state_dir)
+    if problems := preflight(settings.with_secrets(secrets), secrets):
+        err.print("[red bold]conveyor up cannot start:[/]")
+        for problem in problems:
+            err.print(f"  • {problem}", markup=False)
+        raise typer.Exit(2)
+    start, timeout = time.monotonic(), timeout or settings.up_timeout_s
+    proc = spawn_supervisor(settings)
+    state: dict[str, Any] | None = None
+    with Live(_progress_table(None, 0), console=console, refresh_per_second=8, transient=quiet) as live:
+        while True:
+            elapsed = time.monotonic() - start
+            state = read_json(settings.state_file)
+            live.update(_progress_table(state, elapsed))
+            status = (state or {}).get("status")
+            if status == "running":
+                break
+            if status in ("failed", "stopping", "stopped"):
+                live.stop()
+                _fail_up(settings, state, (state or {}).get("error") or f"the stack is {status}")
+            if proc.poll() is not None:
+                live.stop()
+                _fail_up(settings, state, f"the supervisor exited with code {proc.returncode}")
+            if elapsed > timeout:
+                live.stop()
+                _fail_up(settings, state, f"not healthy after {timeout:.0f} s (CONVEYOR_UP_TIMEOUT_S)")
+            time.sleep(0.1)
+    took = time.monotonic() - start
+    if not console.is_terminal:
+        console.print()
+    console.print(f"[green bold]Conveyor is up[/] in {took:.1f} s (supervisor pid {proc.pid}).")
+    console.print(
+        f"NATS {settings.nats_url} · S3 {settings.s3_endpoint} · MLflow {settings.mlflow_url} · "
+        f"Triton {settings.triton_url} — `conveyor status` for details, `conveyor down` to stop."
+    )
+
+
+@app.command()
+def up(
+    foreground: Annotated[
+        bool, typer.Option("--foreground", help="Run the supervisor in this terminal (Ctrl-C stops it).")
+    ] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds to wait for every part to be healthy (CONVEYOR_UP_TIMEOUT_S)."),
+    ] = None,
+) -> None:
+    """Start the embedded stack: nats-server, S3 (rclone), MLflow, Triton, then the services.
+
+    Checks binaries and ports first, then waits until every part is healthy, showing progress. The data stays
+    under the state dir (.conveyor/, or CONVEYOR_STATE_DIR) across `down`/`up`; each port is configurable
+    (CONVEYOR_NATS_PORT, CONVEYOR_S3_PORT, CONVEYOR_MLFLOW_PORT, CONVEYOR_TRITON_HTTP_PORT, ...).
+    """
+    settings = StackSettings()
+    if foreground:
+        from deploy.local.supervisor import run_supervisor
+
+        if running_supervisor(settings.pid_file) is not None:
+            err.print("Conveyor is already running: `conveyor down` first.")
+            raise typer.Exit(1)
+        secrets = LocalSecrets.load_or_create(settings.state_dir)
+        if problems := preflight(settings.with_secrets(secrets), secrets):
+            err.print("\n".join(["conveyor up cannot start:", *problems]), markup=False)
+            raise typer.Exit(2)
+        raise typer.Exit(run_supervisor(settings, echo=True))
+    _start(settings, timeout)
+
+
+@app.command()
+def down() -> None:
+    """Stop the embedded stack: every service and server, in reverse start order, and wait for them."""
+    settings = StackSettings()
+    report = stop_stack(settings)
+    if report.supervisor_pid is None and not report.orphans:
+        console.print(f"Conveyor is not running (state dir {settings.state_dir}); nothing to stop.")
+        return
+    stopped = ", ".join(report.stopped) or "no running parts"
+    console.print(f"Stopped the supervisor (pid {report.supervisor_pid}) and: {stopped}.")
+    if report.killed_supervisor:
+        console.print("[yellow]The supervisor did not stop in time and was killed.")
+    if report.orphans:
+        console.print(f"[yellow]Stopped {report.orphans} process(es) that had outlived their supervisor.")
+    console.print(f"The data stays in {settings.state_dir}; `conveyor up` starts it again.")
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    if not status["running"]:
+        console.print("Conveyor is [bold]not running[/]. Start it with `conveyor up`.")
+        return
+    head = "[green]healthy" if status["healthy"] else f"[red]{status['stack']}"
+    console.print(
+        f"Conveyor: {head}[/] (supervisor pid {status['supervisor_pid']}, up in {status['up_seconds']} s)"
+    )
+    parts = Table("part", "pid", "health", "restarts", "ports", "checks", box=None)
+    for p in status["parts"]:
+        health = "[green]healthy" if p["healthy"] else f"[red]{p.get('status')}"
+        ports = ", ".join(str(v) for v in (p.get("ports") or {}).values())
+        parts.add_row(
+            p["name"], str(p.get("pid") or "-"), health, str(p.get("restarts", 0)), ports, p.get("health")
+        )
+    console.print(parts)
+    js = status["jetstream"]
+    if not js["ok"]:
+        console.print(f"[red]JetStream unreachable: {js.get('error')}")
+        return
+    streams = Table("stream", "messages", "consumer", "pending", "ack pending", "redelivered", box=None)
+    for s in js["streams"]:
+        streams.add_row(s["name"], str(s["messages"]), "", "", "", "")
+        for c in s["consumers"]:
+            streams.add_row(
+                "", "", c["name"], str(c["pending"]), str(c["ack_pending"]), str(c["redelivered"])
+            )
+    console.print(streams)
+    console.print(
+        f"dead letters: {js['dead_letters'] if js['dead_letters'] is not None else 'no DLQ stream'}"
+    )
+
+
+@app.command()
+def status(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON, with every endpoint and the local credentials.")
+    ] = False,
+) -> None:
+    """Show each process and server's health, JetStream streams with consumer lag, and the dead-letter count.
+
+    Exits 1 when the stack is not running or not healthy. `--json` adds every endpoint (NATS, S3 with its
+    local keys, MLflow, Triton, gateway) for scripts and integrators.
+    """
+    result = collect_status(StackSettings())
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+    else:
+        _print_status(result)
+    if not result["healthy"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo() -> None:
+    """Start the stack if needed, show its status and what the loop can do so far."""
+    settings = StackSettings()
+    if running_supervisor(settings.pid_file) is None:
+        _start(settings, None)
+    result = collect_status(settings)
+    _print_status(result)
+    ep = result["endpoints"]
+    console.print(
+        "\n[bold]What exists so far[/]\n"
+        f"  • NATS JetStream at {ep['nats']['url']} with the Conveyor streams and KV buckets "
+        "(`conveyor events tail` watches them)\n"
+        f"  • an S3 store at {ep['s3']['endpoint']} with the buckets {', '.join(ep['s3']['buckets'])}\n"
+        f"  • MLflow at {ep['mlflow']['url']} (traces go to experiment {ep['mlflow']['experiment_id']})\n"
+        f"  • Triton at {ep['triton']['url']} on an empty model repository"
+    )
+    services = ", ".join(s.name for s in STACK_SERVICES) or "none yet"
+    console.print(f"  • services in the loop: {services}")
+    if not STACK_SERVICES:
+        console.print("The services (ingest, trainer, registry, serving, monitor) come with the next issues.")
+    console.print("`conveyor down` stops everything; the data stays for the next `conveyor up`.")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The event path across a real nats-server: delivery, retries, dead letters, duplicates, permissions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import nats
+import pytest
+
+from contracts.events import DatasetVersioned, ModelPromoted, ModelTrained
+from contracts.examples import example_event
+from services.runtime.bus import EventBus
+from services.runtime.config import Settings
+from services.runtime.consumer import Delivery
+from services.runtime.deadletters import list_dead_letters, replay
+from services.runtime.errors import PermanentError
+
+pytestmark = pytest.mark.integration
+
+
+def handled(bus: EventBus, outcome: str, event_type: str = "model.trained") -> float:
+    """How many messages ``bus`` finished with this outcome (ack, retry, dead_letter), from its metrics."""
+    return float(bus.metrics.consumed.labels(bus.settings.service, event_type, outcome)._value.get())
+
+
+def trained(version: int = 1) -> ModelTrained:
+    return example_event(ModelTrained).model_copy(update={"version": version})
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_event_published_by_one_service_is_consumed_by_another(service_settings):
+    received: list[tuple[ModelTrained, Delivery]] = []
+
+    async def on_trained(event: ModelTrained, delivery: Delivery) -> None:
+        received.append((event, delivery))
+
+    registry = EventBus(service_settings("registry"))
+    registry.consume(ModelTrained, on_trained)
+    async with registry, EventBus(service_settings("trainer")) as trainer:
+        sent = trained(7)
+        await trainer.publish(sent)
+        await wait_for(lambda: len(received) == 1)
+    event, delivery = received[0]
+    assert event == sent
+    assert delivery.envelope.source == "conveyor/trainer"
+    assert delivery.envelope.id == sent.event_id()
+    assert delivery.subject.endswith(".model.trained.digits")
+
+
+async def test_transient_failure_is_redelivered_then_acked(service_settings, admin_bus):
+    deliveries: list[int] = []
+
+    async def flaky(event: ModelTrained, delivery: Delivery) -> None:
+        deliveries.append(delivery.num_delivered)
+        if delivery.num_delivered < 3:
+            raise ConnectionError("MLflow is restarting")
+
+    registry = EventBus(service_settings("registry", max_deliveries=5))
+    registry.consume(ModelTrained, flaky)
+    async with registry, EventBus(service_settings("trainer")) as trainer:
+        await trainer.publish(trained())
+        await wait_for(lambda: deliveries == [1, 2, 3])
+        await asyncio.sleep(0.3)  # nothing more arrives once acked
+    assert deliveries == [1, 2, 3]
+    assert await list_dead_letters(admin_bus.js, admin_bus.subjects) == []
+    consumed = handled(registry, "ack")
+    assert consumed == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{not json", "not JSON"),
+        (b'{"specversion": "1.0"}', "not a CloudEvents 1.0 envelope"),
+        (
+            b'{"specversion":"1.0","id":"x","source":"s","type":"model.trained","time":"2026-01-01T00:00:00Z",'
+            b'"data":{"model":"Digits!","version":0}}',
+            "invalid model.trained data",
+        ),
+    ],
+)
+async def test_invalid_message_goes_to_dead_letters_at_once(service_settings, admin_bus, payload, reason):
+    calls = 0
+
+    async def handler(event: ModelTrained, delivery: Delivery) -> None:
+        nonlocal calls
+        calls += 1
+
+    registry = EventBus(service_settings("registry"))
+    registry.consume(ModelTrained, handler)
+    async with registry:
+        await admin_bus.js.publish(f"{admin_bus.subjects.prefix}.model.trained.digits", payload)
+        await wait_for(lambda: handled(registry, "dead_letter") == 1)
+    letters = await list_dead_letters(admin_bus.js, admin_bus.subjects)
+    assert calls == 0
+    assert len(letters) == 1
+    record = letters[0].record
+    assert record.kind == "invalid" and reason in record.reason
+    assert record.num_delivered == 1 and record.service == "registry"
+    assert record.original_payload() == payload
+
+
+async def test_permanent_error_goes_to_dead_letters_at_once(service_settings, admin_bus):
+    async def handler(event: ModelTrained, delivery: Delivery) -> None:
+        raise PermanentError("dataset digits@9 does not exist")
+
+    registry = EventBus(service_settings("registry"))
+    registry.consume(ModelTrained, handler)
+    async with registry, EventBus(service_settings("trainer")) as trainer:
+        await trainer.publish(trained())
+        await wait_for(lambda: handled(registry, "dead_letter") == 1)
+    [letter] = await list_dead_letters(admin_bus.js, admin_bus.subjects)
+    assert letter.record.kind == "permanent"
+    assert "digits@9 does not exist" in letter.record.reason
+
+
+async def test_poison_message_reaches_dead_letters_after_bounded_deliveries_and_replays(
+    service_settings, admin_bus
+):
+    deliveries: list[int] = []
+    healed = False
+
+    async def handler(event: ModelTrained, delivery: Delivery) -> None:
+        deliveries.append(delivery.num_delivered)
+        if not healed:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+    registry = EventBus(service_settings("registry", max_deliveries=3))
+    registry.consume(ModelTrained, handler)
+    async with registry, EventBus(service_settings("trainer")) as trainer:
+        await trainer.publish(trained(3))
+        await wait_for(lambda: handled(registry, "dead_letter") == 1)
+        assert deliveries == [1, 2, 3]
+        [letter] = await list_dead_letters(admin_bus.js, admin_bus.subjects)
+        assert letter.record.kind == "transient"
+        assert "failed 3 deliveries" in letter.record.reason and "device-side assert" in letter.record.reason
+        assert letter.record.event_id == trained(3).event_id()
+
+        healed = True  # the operator fixed the cause; now the dead letter is sent back
+        result = await replay(admin_bus.js, admin_bus.subjects, letter.id)
+        assert result["subject"].endswith(".model.trained.digits")
+        await wait_for(lambda: handled(registry, "ack") == 1)
+    assert deliveries == [1, 2, 3, 1]
+    assert await list_dead_letters(admin_bus.js, admin_bus.subjects) == []
+    with pytest.raises(LookupError, match="no dead letter"):
+        await replay(admin_bus.js, admin_bus.subjects, letter.id)
+
+
+async def test_duplicate_publish_with_the_same_event_id_is_dropped(service_settings):
+    received: list[int] = []
+
+    async def handler(event: ModelTrained, delivery: Delivery) -> None:
+        received.append(event.version)
+
+    registry = EventBus(service_settings("registry"))
+    registry.consume(ModelTrained, handler)
+    async with registry, EventBus(service_settings("trainer")) as trainer:
+        first = await trainer.publish(trained(1))
+        again = await trainer.publish(trained(1))  # e.g. retried after a crash before the ack
+        other = await trainer.publish(trained(2))
+        await wait_for(lambda: len(received) == 2)
+        await asyncio.sleep(0.3)
+    assert not first.duplicate and again.duplicate and not other.duplicate
+    assert again.seq == first.seq
+    assert sorted(received) == [1, 2]
+
+
+async def test_handler_result_is_published_as_the_next_event(service_settings):
+    """A subscriber returns the event it causes; the runtime publishes it before acking."""
+    promoted: list[ModelPromoted] = []
+    template = example_event(ModelPromoted)
+
+    async def registry_gate(event: ModelTrained, delivery: Delivery) -> ModelPromoted:
+        return template.model_copy(update={"model": event.model, "version": event.version})
+
+    async def serving(event: ModelPromoted, delivery: Delivery) -> None:
+        promoted.append(event)
+
+    registry = EventBus(service_settings("registry"))
+    registry.consume(ModelTrained, registry_gate)
+    serving_bus = EventBus(service_settings("serving"))
+    serving_bus.consume(ModelPromoted, serving)
+    async with registry, serving_bus, EventBus(service_settings("trainer")) as trainer:
+        await trainer.publish(trained(4))
+        await wait_for(lambda: len(promoted) == 1)
+    assert promoted[0].version == 4
+
+
+async def test_service_user_cannot_publish_outside_its_permissions(
+    nats_server, service_settings, prefix, admin_bus
+):
+    settings: Settings = service_settings("ingest")
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    nc = await nats.connect(
+        nats_server.url,
+        user="ingest",
+        password=settings.nats_password.get_secret_value(),  # type: ignore[union-attr]
+        error_cb=on_error,
+    )
+    try:
+        js = nc.jetstream()
+        own = await js.publish(f"{prefix}.dataset.versioned.digits", b"{}", timeout=2)
+        assert own.seq >= 1  # its own event type is allowed
+        with pytest.raises(nats.errors.Error):
+            await js.publish(f"{prefix}.model.promoted.digits", b"{}", timeout=1)
+        await asyncio.sleep(0.2)
+        assert any("permissions violation" in str(e).lower() for e in errors)
+    finally:
+        await nc.close()
+
+
+async def test_dataset_event_filter_by_name(service_settings):
+    """A consumer can follow one name only; others are not delivered to it."""
+    seen: list[str] = []
+
+    async def handler(event: DatasetVersioned, delivery: Delivery) -> None:
+        seen.append(event.dataset)
+
+    trainer = EventBus(service_settings("trainer"))
+    trainer.consume(DatasetVersioned, handler, name="cells", durable="trainer-cells-only")
+    base: Any = example_event(DatasetVersioned)
+    async with trainer, EventBus(service_settings("ingest")) as ingest:
+        await ingest.publish(base.model_copy(update={"dataset": "digits"}))
+        await ingest.publish(base.model_copy(update={"dataset": "cells"}))
+        await wait_for(lambda: seen == ["cells"])
+        await asyncio.sleep(0.3)
+    assert seen == ["cells"]
