@@ -1,0 +1,119 @@
+"""`conveyor events tail`, `dlq list|replay` and `policy apply|show` against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts.events import ModelTrained
+from contracts.examples import example_event
+from deploy.local.natsconf import ADMIN_USER
+from services.runtime.bus import EventBus
+from services.runtime.consumer import Delivery
+from services.runtime.errors import PermanentError
+
+pytestmark = pytest.mark.integration
+
+CONVEYOR = [sys.executable, "-m", "deploy.local.cli"]
+
+
+@pytest.fixture
+def conveyor(
+    nats_server: Any, prefix: str, tmp_path: Path
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the `conveyor` CLI as the admin user on this test's prefix, outside any embedded stack."""
+    env = os.environ | {
+        "CONVEYOR_NATS_URL": nats_server.url,
+        "CONVEYOR_NATS_USER": ADMIN_USER,
+        "CONVEYOR_NATS_PASSWORD": nats_server.passwords[ADMIN_USER],
+        "CONVEYOR_SUBJECT_PREFIX": prefix,
+        "CONVEYOR_STATE_DIR": str(tmp_path / "state"),
+        "COLUMNS": "200",
+    }
+
+    def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CONVEYOR, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+async def test_dead_letter_listed_and_replayed_through_the_cli(service_settings, admin_bus, conveyor):
+    handled: list[int] = []
+    broken = True
+
+    async def handler(event: ModelTrained, delivery: Delivery) -> None:
+        if broken:
+            raise PermanentError(f"no dataset for {event.model}@{event.version}")
+        handled.append(event.version)
+
+    registry = EventBus(service_settings("registry"))
+    registry.consume(ModelTrained, handler)
+    async with registry, EventBus(service_settings("trainer")) as trainer:
+        await trainer.publish(example_event(ModelTrained))
+        listed: list[dict[str, Any]] = []
+        for _ in range(50):
+            out = await asyncio.to_thread(conveyor, "dlq", "list", "--json")
+            assert out.returncode == 0, out.stderr
+            listed = [json.loads(line) for line in out.stdout.splitlines()]
+            if listed:
+                break
+            await asyncio.sleep(0.1)
+        [letter] = listed
+        assert letter["kind"] == "permanent" and "no dataset for digits@1" in letter["reason"]
+
+        table = await asyncio.to_thread(conveyor, "dlq", "list")
+        assert "no dataset for digits@1" in table.stdout and "registry" in table.stdout
+
+        broken = False
+        replayed = await asyncio.to_thread(conveyor, "dlq", "replay", str(letter["id"]))
+        assert replayed.returncode == 0, replayed.stderr
+        assert f"replayed dead letter {letter['id']}" in replayed.stdout
+        for _ in range(100):
+            if handled:
+                break
+            await asyncio.sleep(0.05)
+    assert handled == [1]
+    assert (await asyncio.to_thread(conveyor, "dlq", "list")).stdout.strip().startswith("no dead letters")
+    missing = await asyncio.to_thread(conveyor, "dlq", "replay", str(letter["id"]))
+    assert missing.returncode == 2 and "no dead letter" in missing.stdout
+
+
+async def test_events_tail_prints_events_live(service_settings, admin_bus, conveyor):
+    tail = asyncio.create_task(asyncio.to_thread(conveyor, "events", "tail", "--json", "--count", "1"))
+    await asyncio.sleep(2.0)  # the CLI starts and subscribes
+    async with EventBus(service_settings("trainer")) as trainer:
+        await trainer.publish(example_event(ModelTrained))
+    out = await asyncio.wait_for(tail, 30)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert doc["type"] == "model.trained" and doc["subject"] == "digits"
+
+
+async def test_policy_apply_then_show(admin_bus, conveyor, tmp_path):
+    policy = tmp_path / "digits.yaml"
+    policy.write_text("model: digits\ntraining:\n  trigger: on_drift\n")
+    before = await asyncio.to_thread(conveyor, "policy", "show", "digits")
+    assert before.returncode == 0 and "no policy applied" in before.stdout
+    applied = await asyncio.to_thread(conveyor, "policy", "apply", str(policy))
+    assert applied.returncode == 0, applied.stderr
+    assert "applied policy for digits (revision" in applied.stdout
+    shown = await asyncio.to_thread(conveyor, "policy", "show", "digits")
+    assert "trigger: on_drift" in shown.stdout and "# revision" in shown.stdout
+    entry = await (await admin_bus.js.key_value(admin_bus.subjects.kv.policy)).get("digits")
+    assert b'"trigger":"on_drift"' in (entry.value or b"")
+
+
+def test_policy_apply_refuses_an_invalid_file_and_says_why(conveyor, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: Digits!\ntraining:\n  trigger: sometimes\n")
+    out = conveyor("policy", "apply", str(bad))
+    assert out.returncode == 2
+    assert "invalid name 'Digits!'" in out.stdout

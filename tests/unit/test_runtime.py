@@ -1,0 +1,95 @@
+"""Runtime pieces that need no server: settings, logs, permissions, the retry backoff."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import structlog
+from opentelemetry.sdk.trace import TracerProvider
+from pydantic import ValidationError
+
+from contracts.names import Subjects
+from deploy.local.natsconf import NatsConfig, service_permissions
+from services.runtime.config import Settings
+from services.runtime.errors import InvalidEvent, PermanentError, TransientError, classify
+from services.runtime.telemetry import current_event_id, get_logger, setup_logging
+
+pytestmark = pytest.mark.unit
+
+
+def test_production_mode_refuses_default_secrets():
+    with pytest.raises(ValidationError) as err:
+        Settings(mode="production")
+    text = str(err.value)
+    for env in (
+        "CONVEYOR_S3_SECRET_KEY",
+        "CONVEYOR_ADMIN_TOKEN",
+        "CONVEYOR_NATS_PASSWORD",
+        "CONVEYOR_S3_ACCESS_KEY",
+    ):
+        assert env in text
+    ok = Settings(
+        mode="production",
+        s3_access_key="prod-key",
+        s3_secret_key="a-real-secret",
+        admin_token="another-real-secret",
+        nats_password="nats-secret",
+    )
+    assert ok.mode == "production"
+
+
+def test_local_mode_accepts_defaults_and_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("CONVEYOR_SUBJECT_PREFIX", "lab-2")
+    monkeypatch.setenv("CONVEYOR_MAX_DELIVERIES", "7")
+    settings = Settings()
+    assert settings.subjects == Subjects("lab-2") and settings.max_deliveries == 7
+    monkeypatch.setenv("CONVEYOR_SUBJECT_PREFIX", "Bad.Prefix")
+    with pytest.raises(ValidationError, match="invalid subject prefix"):
+        Settings()
+
+
+def test_json_logs_carry_service_trace_span_and_event_id(capsys):
+    setup_logging(Settings(service="trainer"))
+    tracer = TracerProvider().get_tracer("test")
+    token = current_event_id.set("evt-123")
+    try:
+        with tracer.start_as_current_span("work") as span:
+            get_logger().info("training started", model="digits")
+    finally:
+        current_event_id.reset(token)
+        structlog.reset_defaults()  # the logger wrote to capsys's stdout; later tests must not
+        structlog.contextvars.clear_contextvars()
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ctx = span.get_span_context()
+    assert line["event"] == "training started" and line["model"] == "digits"
+    assert line["service"] == "trainer" and line["event_id"] == "evt-123"
+    assert line["trace_id"] == format(ctx.trace_id, "032x") and line["span_id"] == format(ctx.span_id, "016x")
+    assert line["level"] == "info" and "timestamp" in line
+
+
+def test_error_kinds_map_to_actions():
+    assert classify(InvalidEvent("bad json")) == "invalid"
+    assert classify(PermanentError("no such dataset")) == "permanent"
+    assert classify(TransientError("mlflow down")) == "transient"
+    assert classify(ConnectionError("reset")) == "transient"
+
+
+def test_service_permissions_allow_only_own_events():
+    subjects = Subjects("conveyor")
+    ingest = service_permissions("ingest", subjects)["publish"]["allow"]
+    assert "conveyor.dataset.versioned.>" in ingest and "conveyor.dlq.ingest" in ingest
+    assert not any(s.startswith("conveyor.model.") for s in ingest)
+    registry = service_permissions("registry", subjects)["publish"]["allow"]
+    assert "conveyor.audit.>" in registry and "$KV.conveyor_rollout.>" in registry
+    assert "$KV.conveyor_policy.>" not in registry  # policy is operator configuration
+    wide = service_permissions("trainer", subjects, any_prefix=True)["publish"]["allow"]
+    assert "*.model.trained.>" in wide
+
+
+def test_nats_config_keeps_given_passwords_and_generates_the_rest(tmp_path):
+    config = NatsConfig(tmp_path / "js", 14222, 18222, passwords={"admin": "given"})
+    assert config.passwords["admin"] == "given"
+    assert len(config.passwords) == 6 and all(config.passwords.values())
+    text = config.render()
+    assert '"127.0.0.1:14222"' in text and "jetstream" in text
