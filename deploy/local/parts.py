@@ -44,7 +44,8 @@ class PartError(RuntimeError):
 
 @dataclass(frozen=True)
 class HealthCheck:
-    """Healthy when a GET of ``url`` answers 200, or (without ``url``) when ``host:port`` accepts TCP."""
+    """Healthy when a GET of ``url`` answers 2xx (a service's ``/healthz`` says 204), or (without ``url``)
+    when ``host:port`` accepts TCP."""
 
     url: str | None = None
     host: str = "127.0.0.1"
@@ -54,7 +55,7 @@ class HealthCheck:
         """One probe; never raises."""
         try:
             if self.url:
-                return httpx.get(self.url, timeout=timeout).status_code == 200
+                return httpx.get(self.url, timeout=timeout).is_success
             if self.port is not None:
                 with socket.create_connection((self.host, self.port), timeout=timeout):
                     return True

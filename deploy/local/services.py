@@ -96,7 +96,7 @@ def service_part(
     threads: int,
     experiment_id: str | None,
 ) -> Part:
-    """``python -m services.<name>``, healthy when its ``/healthz`` answers 200."""
+    """``python -m services.<name>``, healthy when its ``/healthz`` answers (204: connected to NATS)."""
     port = _port(spec, settings)
     return Part(
         name=spec.name,
