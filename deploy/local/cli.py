@@ -195,9 +195,13 @@ def _print_status(status: dict[str, Any]) -> None:
                 "", "", c["name"], str(c["pending"]), str(c["ack_pending"]), str(c["redelivered"])
             )
     console.print(streams)
-    console.print(
-        f"dead letters: {js['dead_letters'] if js['dead_letters'] is not None else 'no DLQ stream'}"
-    )
+    if js["dead_letters"] is None:
+        console.print("dead letters: no DLQ stream")
+    elif js["dead_letters"]:
+        per_service = ", ".join(f"{s} {n}" for s, n in sorted(js.get("dead_letters_by_service", {}).items()))
+        console.print(f"dead letters: {js['dead_letters']} ({per_service}) — `conveyor dlq list` shows why")
+    else:
+        console.print("dead letters: 0")
 
 
 @app.command()

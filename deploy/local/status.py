@@ -92,8 +92,13 @@ async def jetstream_status(settings: StackSettings, timeout: float = 3.0) -> dic
                     "consumers": consumers,
                 }
             )
-        dlq = next((s["messages"] for s in streams if s["name"] == settings.subjects.dlq_stream), None)
-        return {"ok": True, "streams": streams, "dead_letters": dlq}
+        dlq_stream = settings.subjects.dlq_stream
+        dlq = next((s["messages"] for s in streams if s["name"] == dlq_stream), None)
+        by_service: dict[str, int] = {}
+        if dlq:
+            info = await jsm.stream_info(dlq_stream, subjects_filter=">")
+            by_service = {subject.rsplit(".", 1)[-1]: n for subject, n in (info.state.subjects or {}).items()}
+        return {"ok": True, "streams": streams, "dead_letters": dlq, "dead_letters_by_service": by_service}
     finally:
         await nc.close()
 

@@ -19,8 +19,13 @@ import nats
 import pytest
 from minio import Minio
 
+from deploy.local.config import StackSettings
 from deploy.local.parts import port_is_free
+from deploy.local.secrets import LocalSecrets
+from deploy.local.services import ServiceSpec, service_env
 from deploy.local.state import pid_alive, read_json
+from services.runtime.config import Settings
+from tests.flows import assert_one_mlflow_trace, two_hops
 from tests.servers import free_stack_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -165,3 +170,31 @@ def test_taken_port_is_named(stack_env: dict[str, str]) -> None:
     assert f"port {port} (nats) is taken" in message
     assert "CONVEYOR_NATS_PORT" in message
     assert read_json(Path(stack_env["CONVEYOR_STATE_DIR"]) / "run" / "supervisor.pid") is None
+
+
+def test_services_in_the_stack_trace_into_mlflow(
+    stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Services started with the environment the supervisor gives them send one trace to MLflow's store."""
+    from mlflow import MlflowClient
+
+    up(stack_env)
+    status = status_json(stack_env)
+    experiment = status["endpoints"]["mlflow"]["experiment_id"]
+    for key, value in stack_env.items():
+        monkeypatch.setenv(key, value)
+    stack = StackSettings()
+    secrets = LocalSecrets.load(stack.state_dir)
+    assert secrets is not None
+
+    def settings_for(service: str) -> Settings:
+        # exactly what `python -m services.<service>` would read from its environment
+        env = service_env(ServiceSpec(service), stack, secrets, threads=1, experiment_id=experiment)
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            return Settings()
+
+    asyncio.run(two_hops(settings_for))
+    client = MlflowClient(tracking_uri=status["endpoints"]["mlflow"]["url"])
+    asyncio.run(assert_one_mlflow_trace(client, experiment))

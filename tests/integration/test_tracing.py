@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -10,39 +9,14 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from contracts.events import ModelPromoted, ModelTrained
-from contracts.examples import example_event
-from services.runtime.bus import EventBus
-from services.runtime.consumer import Delivery
+from tests.flows import assert_one_mlflow_trace, two_hops
 
 pytestmark = pytest.mark.integration
 
 
-async def _two_hops(service_settings: Any, *, processors: tuple[Any, ...] = (), **overrides: Any) -> None:
-    """trainer publishes model.trained -> registry returns model.promoted -> serving handles it."""
-    done = asyncio.Event()
-    template = example_event(ModelPromoted)
-
-    async def registry_gate(event: ModelTrained, delivery: Delivery) -> ModelPromoted:
-        return template.model_copy(update={"model": event.model, "version": event.version})
-
-    async def serving(event: ModelPromoted, delivery: Delivery) -> None:
-        done.set()
-
-    def bus(service: str) -> EventBus:
-        return EventBus(service_settings(service, **overrides), span_processors=processors)
-
-    registry, serving_bus = bus("registry"), bus("serving")
-    registry.consume(ModelTrained, registry_gate)
-    serving_bus.consume(ModelPromoted, serving)
-    async with registry, serving_bus, bus("trainer") as trainer:
-        await trainer.publish(example_event(ModelTrained))
-        await asyncio.wait_for(done.wait(), 10)
-
-
 async def test_one_trace_spans_two_hops(service_settings):
     exporter = InMemorySpanExporter()
-    await _two_hops(service_settings, processors=(SimpleSpanProcessor(exporter),))
+    await two_hops(service_settings, [SimpleSpanProcessor(exporter)])
     spans = exporter.get_finished_spans()
     by_service: dict[str, list[Any]] = {}
     for span in spans:
@@ -62,22 +36,10 @@ async def test_trace_reaches_mlflow_trace_store(service_settings, mlflow_server)
     client = MlflowClient(tracking_uri=mlflow_server.url)
     experiment_id = client.create_experiment(f"traces-{time.time_ns()}")
     exporter = InMemorySpanExporter()
-    await _two_hops(
-        service_settings,
-        processors=(SimpleSpanProcessor(exporter),),
-        otlp_endpoint=f"{mlflow_server.url}/v1/traces",
-        otlp_headers={"x-mlflow-experiment-id": experiment_id},
-    )
+    otlp = {
+        "otlp_endpoint": f"{mlflow_server.url}/v1/traces",
+        "otlp_headers": {"x-mlflow-experiment-id": experiment_id},
+    }
+    await two_hops(lambda service: service_settings(service, **otlp), [SimpleSpanProcessor(exporter)])
     trace_id = format(exporter.get_finished_spans()[0].context.trace_id, "032x")
-    deadline = time.monotonic() + 30
-    traces: list[Any] = []
-    while time.monotonic() < deadline:
-        traces = list(client.search_traces(locations=[experiment_id]))
-        if traces and len(traces[0].data.spans) >= 4:
-            break
-        await asyncio.sleep(0.5)
-    assert len(traces) == 1, "the three services' spans should merge into one MLflow trace"
-    spans = traces[0].data.spans
-    assert {span.trace_id for span in spans} == {traces[0].info.trace_id}
-    assert trace_id in traces[0].info.trace_id
-    assert sum(span.name.endswith(" process") for span in spans) == 2
+    await assert_one_mlflow_trace(client, experiment_id, trace_id)

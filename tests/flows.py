@@ -1,0 +1,60 @@
+"""Small event flows that several tests drive through real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from opentelemetry.sdk.trace import SpanProcessor
+
+from contracts.events import ModelPromoted, ModelTrained
+from contracts.examples import example_event
+from services.runtime.bus import EventBus
+from services.runtime.config import Settings
+from services.runtime.consumer import Delivery
+
+
+async def two_hops(settings_for: Callable[[str], Settings], processors: Sequence[SpanProcessor] = ()) -> None:
+    """trainer publishes model.trained -> registry returns model.promoted -> serving handles it.
+
+    ``settings_for(service)`` gives each simulated service its settings (its own NATS user).
+    """
+    done = asyncio.Event()
+    template = example_event(ModelPromoted)
+
+    async def registry_gate(event: ModelTrained, delivery: Delivery) -> ModelPromoted:
+        return template.model_copy(update={"model": event.model, "version": event.version})
+
+    async def serving(event: ModelPromoted, delivery: Delivery) -> Any:
+        done.set()
+
+    def bus(service: str) -> EventBus:
+        return EventBus(settings_for(service), span_processors=processors)
+
+    registry, serving_bus = bus("registry"), bus("serving")
+    registry.consume(ModelTrained, registry_gate)
+    serving_bus.consume(ModelPromoted, serving)
+    async with registry, serving_bus, bus("trainer") as trainer:
+        await trainer.publish(example_event(ModelTrained))
+        await asyncio.wait_for(done.wait(), 10)
+
+
+async def assert_one_mlflow_trace(client: Any, experiment_id: str, trace_id: str | None = None) -> None:
+    """The experiment holds one trace whose spans come from all three services of ``two_hops``."""
+    deadline = time.monotonic() + 30
+    traces: list[Any] = []
+    while time.monotonic() < deadline:
+        traces = list(client.search_traces(locations=[experiment_id]))
+        if traces and len(traces[0].data.spans) >= 4:
+            break
+        await asyncio.sleep(0.5)
+    assert len(traces) == 1, "the three services' spans should merge into one MLflow trace"
+    spans = traces[0].data.spans
+    assert {span.trace_id for span in spans} == {traces[0].info.trace_id}
+    if trace_id:
+        assert trace_id in traces[0].info.trace_id
+    # trainer publish, registry process + publish, serving process
+    assert sum(span.name.endswith(" process") for span in spans) == 2
+    assert sum(span.name.endswith(" publish") for span in spans) == 2
