@@ -131,6 +131,7 @@ class StreamSpec:
 class KVBuckets:
     rollout: str
     policy: str
+    ingest_objects: str  # the objects ingest has versioned or rejected, one entry per object
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,9 @@ class Subjects:
     @property
     def kv(self) -> KVBuckets:
         base = self.prefix.replace("-", "_")
-        return KVBuckets(rollout=f"{base}_rollout", policy=f"{base}_policy")
+        return KVBuckets(
+            rollout=f"{base}_rollout", policy=f"{base}_policy", ingest_objects=f"{base}_ingest_objects"
+        )
 
     def stream_for(self, subject: str) -> str:
         """The stream a subject of this install is stored on."""

@@ -12,6 +12,7 @@ from rich.live import Live
 from rich.table import Table
 
 from deploy.local.buscli import dlq_app, events_app, policy_app
+from deploy.local.buscli import settings as bus_settings
 from deploy.local.config import StackSettings
 from deploy.local.lifecycle import preflight, spawn_supervisor, stop_stack
 from deploy.local.parts import tail
@@ -19,6 +20,7 @@ from deploy.local.secrets import LocalSecrets
 from deploy.local.services import STACK_SERVICES
 from deploy.local.state import read_json, running_supervisor
 from deploy.local.status import collect_status
+from services.ingest.cli import datasets_command, upload_command
 
 __all__ = ["app", "main"]
 
@@ -32,6 +34,9 @@ app = typer.Typer(
 app.add_typer(events_app, name="events", help="Watch the events on the bus.")
 app.add_typer(dlq_app, name="dlq", help="Dead letters: list them with their reasons, replay one.")
 app.add_typer(policy_app, name="policy", help="Per-model policy: apply a YAML file, show a model's policy.")
+# Each service's own commands (services/<svc>/cli.py), assembled here.
+app.command("upload")(upload_command(bus_settings))
+app.command("datasets")(datasets_command(bus_settings))
 
 console = Console()
 err = Console(stderr=True)

@@ -19,9 +19,10 @@ __all__ = ["ADMIN_USER", "NatsConfig", "service_permissions"]
 
 ADMIN_USER = "admin"
 
-# Extra publish rights beyond a service's own events.
+# Extra publish rights beyond a service's own events: the state each one owns (DESIGN.md "Ownership").
 _EXTRA_PUBLISH: dict[str, tuple[str, ...]] = {
-    "registry": ("{p}.audit.>", "$KV.{rollout}.>"),
+    "registry": ("{p}.audit.>", "$KV.{kv}_rollout.>"),
+    "ingest": ("$KV.{kv}_ingest_objects.>",),
 }
 
 
@@ -34,9 +35,14 @@ def service_permissions(
     prefix on one server); an install grants them under its own prefix only.
     """
     p = "*" if any_prefix else subjects.prefix
-    rollout = "*_rollout" if any_prefix else subjects.kv.rollout
+    kv = subjects.prefix.replace("-", "_")  # KV bucket names: <kv>_<bucket>
     own = [f"{p}.{event_type}.>" for event_type in SERVICE_PUBLISHES.get(service, ())]
-    extra = [s.format(p=p, rollout=rollout) for s in _EXTRA_PUBLISH.get(service, ())]
+    extra = [s.format(p=p, kv=kv) for s in _EXTRA_PUBLISH.get(service, ())]
+    if any_prefix:
+        # A NATS wildcard is a whole token, and a bucket name is one token: "$KV.*_rollout.>" would match
+        # nothing. Under any prefix, a service that owns a bucket may write every bucket.
+        extra = ["$KV.*.>" if s.startswith("$KV.") else s for s in extra]
+        extra = list(dict.fromkeys(extra))
     return {
         "publish": {
             "allow": [

@@ -29,7 +29,7 @@ class ServiceSpec:
 
 
 # Start order. Later issues add their service here, one line each.
-STACK_SERVICES: tuple[ServiceSpec, ...] = ()
+STACK_SERVICES: tuple[ServiceSpec, ...] = (ServiceSpec("ingest"),)
 
 
 def threads_per_service(n_services: int) -> int:

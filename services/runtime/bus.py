@@ -31,7 +31,7 @@ from opentelemetry.trace import SpanKind
 
 from contracts.envelope import Event, encode
 from services.runtime.config import Settings
-from services.runtime.consumer import Consumer, Handler
+from services.runtime.consumer import Consumer, Decoder, Handler, event_decoder
 from services.runtime.metrics import Metrics
 from services.runtime.pull import PullConsumer, ensure_consumer
 from services.runtime.streams import ensure_streams
@@ -40,6 +40,7 @@ from services.runtime.telemetry import setup_tracing
 __all__ = ["EventBus", "make_broker"]
 
 E = TypeVar("E", bound=Event)
+T = TypeVar("T")
 
 MSG_ID_HEADER = "Nats-Msg-Id"  # JetStream's de-duplication header (nats.js.api.Header.MSG_ID)
 
@@ -78,7 +79,7 @@ class EventBus:
         self.tracer = self.tracer_provider.get_tracer("conveyor.bus")
         self.broker = make_broker(settings)
         self.source = f"conveyor/{settings.service}"
-        self._consumers: list[tuple[Consumer[Any], str, int]] = []
+        self._consumers: list[tuple[Consumer[Any], str, str, int]] = []
         self._pulls: list[PullConsumer] = []
 
     async def prepare(self) -> None:
@@ -154,13 +155,30 @@ class EventBus:
         with ``start()``.
         """
         durable = durable or f"{self.settings.service}-{event_cls.type.replace('.', '-')}"
-        consumer = Consumer(self, event_cls, handler, durable)
-        self._consumers.append((consumer, self.subjects.event_filter(event_cls.type, name), max_in_flight))
+        consumer = Consumer(self, event_cls.type, event_decoder(event_cls), handler, durable)
+        subject = self.subjects.event_filter(event_cls.type, name)
+        self._consumers.append((consumer, self.subjects.stream_for(subject), subject, max_in_flight))
+        return consumer
+
+    def consume_raw(
+        self,
+        stream: str,
+        subject: str,
+        decoder: Decoder[T],
+        handler: Handler[T],
+        *,
+        durable: str,
+        type_label: str,
+        max_in_flight: int = 16,
+    ) -> Consumer[T]:
+        """A durable consumer of messages that are not Conveyor events (e.g. MinIO's notifications), with
+        the same ack, retry and dead-letter policy; ``decoder`` raises ``InvalidEvent`` for a bad one."""
+        consumer = Consumer(self, type_label, decoder, handler, durable)
+        self._consumers.append((consumer, stream, subject, max_in_flight))
         return consumer
 
     async def start_consumers(self) -> None:
-        for consumer, subject, max_in_flight in self._consumers:
-            stream = self.subjects.stream_for(subject)
+        for consumer, stream, subject, max_in_flight in self._consumers:
             config = ConsumerConfig(
                 durable_name=consumer.durable,
                 filter_subject=subject,

@@ -9,6 +9,7 @@ before the handler runs again.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -25,16 +26,17 @@ from services.runtime.telemetry import current_event_id, get_logger
 if TYPE_CHECKING:
     from services.runtime.bus import EventBus
 
-__all__ = ["Consumer", "Delivery", "Handler"]
+__all__ = ["Consumer", "Decoder", "Delivery", "Handler", "event_decoder"]
 
 E = TypeVar("E", bound=Event)
+T = TypeVar("T")
 
 
 @dataclass
 class Delivery:
     """What a handler may want besides the event: its envelope and delivery, and a keep-alive."""
 
-    envelope: EnvelopeHead
+    envelope: EnvelopeHead | None  # None for messages that are not CloudEvents (MinIO notifications)
     subject: str
     num_delivered: int
     stream_seq: int
@@ -46,13 +48,34 @@ class Delivery:
 
 
 HandlerResult = Event | Sequence[Event] | None
-Handler = Callable[[E, Delivery], Awaitable[HandlerResult]]
+Handler = Callable[[T, Delivery], Awaitable[HandlerResult]]
+Decoder = Callable[[bytes], tuple[EnvelopeHead | None, T]]
 
 
-class Consumer(Generic[E]):
-    def __init__(self, bus: EventBus, event_cls: type[E], handler: Handler[E], durable: str) -> None:
+def event_decoder(event_cls: type[E]) -> Decoder[E]:
+    """The decoder of CloudEvents of one type (upcasting older versions)."""
+    return functools.partial(decode, expected=event_cls)
+
+
+class Consumer(Generic[T]):
+    """Handles the messages of one durable consumer.
+
+    ``decoder`` turns the message body into what the handler takes (for events: ``contracts.decode``); it
+    raises ``InvalidEvent`` for a message that can never be handled. ``type_label`` names the messages in
+    metrics (the event type).
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        type_label: str,
+        decoder: Decoder[T],
+        handler: Handler[T],
+        durable: str,
+    ) -> None:
         self.bus = bus
-        self.event_cls = event_cls
+        self.type_label = type_label
+        self.decoder = decoder
         self.handler = handler
         self.durable = durable
         self.settings = bus.settings
@@ -68,7 +91,7 @@ class Consumer(Generic[E]):
     async def __call__(self, message: Msg) -> None:
         headers = message.headers or {}
         delivered = message.metadata.num_delivered
-        event_type = self.event_cls.type
+        event_type = self.type_label
         token = current_event_id.set(headers.get("Nats-Msg-Id"))
         started = time.perf_counter()
         span = self.tracer.start_as_current_span(
@@ -101,14 +124,14 @@ class Consumer(Generic[E]):
             )
             return await self._dead_letter(raw, reason, "exhausted")
         try:
-            envelope, event = decode(raw.data, self.event_cls)
+            envelope, event = self.decoder(raw.data)
             delivery = Delivery(envelope, raw.subject, delivered, raw.metadata.sequence.stream, raw)
             result = await self.handler(event, delivery)
             for out in _as_list(result):
                 await self.bus.publish(out)
         except Exception as exc:
             kind = classify(exc)
-            self.bus.metrics.failed.labels(self.settings.service, self.event_cls.type, kind).inc()
+            self.bus.metrics.failed.labels(self.settings.service, self.type_label, kind).inc()
             reason = f"{type(exc).__name__}: {exc}"
             if kind != "transient":
                 return await self._dead_letter(raw, reason, kind)

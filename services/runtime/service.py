@@ -6,7 +6,7 @@ Every service's ``app.py`` builds an ``EventBus``, registers its subscribers, an
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import uvicorn
 from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
@@ -19,10 +19,22 @@ from services.runtime.telemetry import get_logger
 __all__ = ["build_app", "serve"]
 
 ReadyCheck = Callable[[], Awaitable[bool]]
+Hook = Callable[[], Awaitable[None]]
 
 
-def build_app(bus: EventBus, *, ready: ReadyCheck | None = None) -> AsgiFastStream:
-    """``/healthz`` (connected to NATS), ``/readyz`` (connected and the service's own check), ``/metrics``."""
+def build_app(
+    bus: EventBus,
+    *,
+    ready: ReadyCheck | None = None,
+    prepare: Sequence[Hook] = (),
+    start: Sequence[Hook] = (),
+    stop: Sequence[Hook] = (),
+) -> AsgiFastStream:
+    """``/healthz`` (connected to NATS), ``/readyz`` (connected and the service's own check), ``/metrics``.
+
+    Start-up: connect and create the streams, then the service's ``prepare`` hooks, then the consumers, then
+    its ``start`` hooks (background loops). Shutdown: its ``stop`` hooks, then the consumers drain.
+    """
 
     @get(include_in_schema=False)
     async def readyz(scope: object) -> AsgiResponse:
@@ -37,9 +49,9 @@ def build_app(bus: EventBus, *, ready: ReadyCheck | None = None) -> AsgiFastStre
             ("/metrics", make_asgi_app(bus.metrics.registry)),
         ],
         logger=None,
-        on_startup=[bus.prepare],  # streams exist before any durable consumer attaches
-        after_startup=[bus.start_consumers],
-        on_shutdown=[bus.stop_consumers],
+        on_startup=[bus.prepare, *prepare],  # streams exist before any durable consumer attaches
+        after_startup=[bus.start_consumers, *start],
+        on_shutdown=[*stop, bus.stop_consumers],
         after_shutdown=[bus.flush],
     )
     return app

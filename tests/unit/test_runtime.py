@@ -84,7 +84,8 @@ def test_service_permissions_allow_only_own_events():
     assert "conveyor.audit.>" in registry and "$KV.conveyor_rollout.>" in registry
     assert "$KV.conveyor_policy.>" not in registry  # policy is operator configuration
     wide = service_permissions("trainer", subjects, any_prefix=True)["publish"]["allow"]
-    assert "*.model.trained.>" in wide
+    assert "*.model.trained.>" in wide and not any(s.startswith("$KV.") for s in wide)
+    assert "$KV.*.>" in service_permissions("ingest", subjects, any_prefix=True)["publish"]["allow"]
 
 
 def test_nats_config_keeps_given_passwords_and_generates_the_rest(tmp_path):
