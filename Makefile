@@ -35,8 +35,9 @@ typecheck: $(STAMP)  ## mypy
 unit: $(STAMP)  ## only the tests that need no server
 	$(BIN)/pytest -m "unit or not (integration or e2e)" tests/unit tests/contract
 
-bench: $(STAMP)  ## print the bus benchmark figures
+bench: $(STAMP)  ## print the benchmark figures (one JSON line each)
 	$(BIN)/python bench/bus.py
+	$(BIN)/python bench/ingest.py
 
 up: $(STAMP)  ## start the embedded stack
 	$(BIN)/conveyor up

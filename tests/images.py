@@ -19,6 +19,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from deploy.local.demo import digit_pngs
+
 __all__ = [
     "animated_png",
     "bmp",
@@ -247,17 +249,7 @@ def tiff_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
 
 @lru_cache(maxsize=1)
 def _digits() -> tuple[ImageItem, ...]:
-    # Imported here: scikit-learn takes a second to import, and only the digits fixtures need it.
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
-    # 8x8 -> 32x32 by repeating each pixel 4x4: the same image a model would see, big enough to look at.
-    images = images.repeat(4, axis=1).repeat(4, axis=2)
-    return tuple(
-        (str(int(target)), f"digit-{index:04d}.png", _pillow(Image.fromarray(image, "L"), "PNG"))
-        for index, (image, target) in enumerate(zip(images, digits.target, strict=True))
-    )
+    return tuple(digit_pngs())  # the same images `make demo` uploads
 
 
 def digits_images(n: int | None = None) -> list[ImageItem]:

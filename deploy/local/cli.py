@@ -14,10 +14,10 @@ from rich.table import Table
 from deploy.local.buscli import dlq_app, events_app, policy_app
 from deploy.local.buscli import settings as bus_settings
 from deploy.local.config import StackSettings
+from deploy.local.demo import run_demo
 from deploy.local.lifecycle import preflight, spawn_supervisor, stop_stack
 from deploy.local.parts import tail
 from deploy.local.secrets import LocalSecrets
-from deploy.local.services import STACK_SERVICES
 from deploy.local.state import read_json, running_supervisor
 from deploy.local.status import collect_status
 from services.ingest.cli import datasets_command, upload_command
@@ -231,25 +231,13 @@ def status(
 
 @app.command()
 def demo() -> None:
-    """Start the stack if needed, show its status and what the loop can do so far."""
+    """Start the stack if needed, upload scikit-learn's digits and show them become a dataset version."""
     settings = StackSettings()
     if running_supervisor(settings.pid_file) is None:
         _start(settings, None)
     result = collect_status(settings)
     _print_status(result)
-    ep = result["endpoints"]
-    console.print(
-        "\n[bold]What exists so far[/]\n"
-        f"  • NATS JetStream at {ep['nats']['url']} with the Conveyor streams and KV buckets "
-        "(`conveyor events tail` watches them)\n"
-        f"  • an S3 store at {ep['s3']['endpoint']} with the buckets {', '.join(ep['s3']['buckets'])}\n"
-        f"  • MLflow at {ep['mlflow']['url']} (traces go to experiment {ep['mlflow']['experiment_id']})\n"
-        f"  • Triton at {ep['triton']['url']} on an empty model repository"
-    )
-    services = ", ".join(s.name for s in STACK_SERVICES) or "none yet"
-    console.print(f"  • services in the loop: {services}")
-    if not STACK_SERVICES:
-        console.print("The services (ingest, trainer, registry, serving, monitor) come with the next issues.")
+    run_demo(settings.with_secrets(LocalSecrets.load_or_create(settings.state_dir)), console)
     console.print("`conveyor down` stops everything; the data stays for the next `conveyor up`.")
 
 

@@ -209,6 +209,4 @@ def show_version(v: DatasetVersioned) -> None:
         console.print(
             f"  [yellow]duplicate[/] {dup.md5} under different labels, left out: {', '.join(dup.keys)}"
         )
-    console.print(
-        f"  sources   sha256 {v.source_digest} over (key, etag) of {len(v.label_counts)} labels' files"
-    )
+    console.print(f"  sources   sha256 {v.source_digest} (over each source object's key and etag)")
