@@ -115,15 +115,15 @@ class Ingestor:
         for change in removed:
             if change.key in by_source:
                 del files[by_source[change.key]]
+        if removed:
+            # A removal may end a cross-label duplicate: look at the files left out for one again.
+            created += await self._left_out(batch)
 
         with tempfile.TemporaryDirectory(dir=self.work_dir, prefix="ingest-") as tmp:
             checked = await self._check_all(created, base, Path(tmp), result)
             previous_split = {entry.md5: entry.split for entry in base.files.values()}
             for item in checked:
                 await asyncio.to_thread(self.repo.stage_file, item.md5, item.local)
-                old = files.get(item.path.path)
-                if old is not None and old.source_key != item.change.key:
-                    by_source.pop(old.source_key, None)
                 files[item.path.path] = FileEntry(
                     path=item.path.path,
                     label=item.path.label,
@@ -193,6 +193,14 @@ class Ingestor:
                 await self.known.set_announced(dataset, version)
                 announced.append(event)
             return announced
+
+    async def _left_out(self, batch: Batch) -> list[ObjectChange]:
+        known = await self.known.load()
+        return [
+            ObjectChange(self.incoming, obj.key, "created", etag=obj.etag)
+            for obj in known.values()
+            if obj.dataset == batch.dataset and obj.status == "left_out" and obj.key not in batch.changes
+        ]
 
     async def _check_all(
         self, created: list[ObjectChange], base: Manifest, tmp: Path, result: BatchResult

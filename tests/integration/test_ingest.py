@@ -227,10 +227,13 @@ async def test_duplicates_under_different_labels_are_reported_and_left_out(
         put(client, settings.incoming_bucket, "digits/1/twin-a.png", twin)
         put(client, settings.incoming_bucket, "digits/7/twin-b.png", twin)
         await events.wait(lambda: len(events.versioned) == 1)
-    [version] = events.versioned
+        client.remove_object(settings.incoming_bucket, "digits/7/twin-b.png")  # the label is clear again
+        await events.wait(lambda: len(events.versioned) == 2)
+    version, after = events.versioned
     assert sum(version.label_counts.values()) == 10
     [dup] = version.duplicates
     assert dup.keys == ["digits/1/twin-a.png", "digits/7/twin-b.png"]
+    assert sum(after.label_counts.values()) == 11 and after.duplicates == [] and after.added == 1
 
 
 def minio_notification(
