@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 __all__ = ["SPLITS", "FileEntry", "Manifest", "Split", "assign_split"]
 
@@ -38,17 +38,44 @@ class Manifest:
     # What the version's event reports beyond the files (added, removed, rejected, duplicates, digests),
     # committed with it so that a version finished after a crash sends the same event.
     notes: dict[str, Any] = field(default_factory=dict)
+    # md5 -> split of every file an earlier version held and this one does not: an image that comes back
+    # returns to its split even if the split percentages changed meanwhile.
+    retired: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         entries = [asdict(self.files[path]) for path in sorted(self.files)]
-        doc = {"dataset": self.dataset, "version": self.version, "notes": self.notes, "files": entries}
+        doc = {
+            "dataset": self.dataset,
+            "version": self.version,
+            "notes": self.notes,
+            "retired": self.retired,
+            "files": entries,
+        }
         return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         doc = json.loads(text)
         files = {e["path"]: FileEntry(**e) for e in doc["files"]}
-        return cls(dataset=doc["dataset"], version=doc["version"], files=files, notes=doc.get("notes", {}))
+        return cls(
+            dataset=doc["dataset"],
+            version=doc["version"],
+            files=files,
+            notes=doc.get("notes", {}),
+            retired=doc.get("retired", {}),
+        )
+
+    def splits_seen(self) -> dict[str, Split]:
+        """md5 -> split of every file this version or an earlier one held."""
+        seen: dict[str, Split] = {md5: cast(Split, split) for md5, split in self.retired.items()}
+        seen.update({entry.md5: entry.split for entry in self.files.values()})
+        return seen
+
+    def retired_after(self, files: dict[str, FileEntry]) -> dict[str, str]:
+        """The ``retired`` map of the next version, whose files are ``files``."""
+        kept = {entry.md5 for entry in files.values()}
+        gone = {entry.md5: entry.split for entry in self.files.values() if entry.md5 not in kept}
+        return {md5: split for md5, split in (self.retired | gone).items() if md5 not in kept}
 
     def by_md5(self) -> dict[str, FileEntry]:
         return {entry.md5: entry for entry in self.files.values()}

@@ -33,7 +33,9 @@ class Poller:
         changes = []
         for obj in listed:
             seen = known.get(obj.key)
-            if seen is None or seen.etag != obj.etag:
+            waiting = self.batcher.pending(obj.key)
+            back = waiting is not None and waiting.kind == "removed"  # re-uploaded before its removal ran
+            if seen is None or seen.etag != obj.etag or back:
                 changes.append(ObjectChange(self.bucket, obj.key, "created", etag=obj.etag, size=obj.size))
         present = {obj.key for obj in listed}
         changes += [ObjectChange(self.bucket, key, "removed") for key in known if key not in present]

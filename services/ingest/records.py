@@ -62,13 +62,16 @@ def _change(record: Any) -> ObjectChange:
         kind = "removed"
     else:
         raise InvalidEvent(f"unsupported MinIO event {name!r}: configure only put and delete events")
-    size = obj.get("size")
+    try:
+        size = int(obj["size"]) if obj.get("size") is not None else None
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent(f"MinIO record with a size that is no integer: {obj.get('size')!r}") from exc
     return ObjectChange(
         bucket=bucket,
         key=key,
         kind=kind,
         etag=str(obj.get("eTag", "")).strip('"'),
-        size=int(size) if size is not None else None,
+        size=size,
         version_id=obj.get("versionId") or None,
         sequencer=str(obj.get("sequencer", "")),
     )

@@ -17,10 +17,15 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
 from minio import Minio
+from minio.error import S3Error
 
-__all__ = ["Listed", "ObjectStore", "S3Store", "TooLarge", "copy_hashing"]
+__all__ = ["Listed", "Missing", "ObjectStore", "S3Store", "TooLarge", "copy_hashing"]
 
 CHUNK = 1024 * 1024
+
+
+class Missing(Exception):
+    """The object is gone (deleted after it was listed or announced)."""
 
 
 class TooLarge(Exception):
@@ -88,7 +93,12 @@ class S3Store:
         """Stream ``key`` into ``dest`` and return (md5, size): the file is hashed once, while it arrives."""
 
         def run() -> tuple[str, int]:
-            response = self.client.get_object(bucket, key)
+            try:
+                response = self.client.get_object(bucket, key)
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject") or getattr(exc.response, "status", 0) == 404:
+                    raise Missing(key) from exc
+                raise
             try:
                 declared = int(response.headers.get("Content-Length", "0") or 0)
                 if declared > max_bytes:

@@ -39,6 +39,6 @@ class NotificationHandler:
 
     async def _settled(self, change: ObjectChange) -> bool:
         known = await self.known.get(change.key)
-        if change.kind == "removed":
-            return known is None
+        if change.kind == "removed":  # nothing to remove, unless its creation still waits in a batch
+            return known is None and self.batcher.pending(change.key) is None
         return known is not None and known.etag == change.etag

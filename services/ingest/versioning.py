@@ -26,7 +26,7 @@ from services.ingest.batcher import Batch
 from services.ingest.known import KnownObject, KnownObjects
 from services.ingest.manifest import FileEntry, Manifest, assign_split
 from services.ingest.records import ObjectChange
-from services.ingest.storage import ObjectStore, TooLarge
+from services.ingest.storage import Missing, ObjectStore, TooLarge
 from services.ingest.validation import Limits, ObjectPath, Rejection, check_image, parse_key
 from services.runtime.telemetry import get_logger
 
@@ -109,6 +109,8 @@ class Ingestor:
             await self._remember(batch.dataset, result.rejected)
             return result
 
+        # A version committed by an earlier try whose push or event failed is finished first.
+        await self._finish_unannounced(batch.dataset)
         base = await asyncio.to_thread(self.repo.read_manifest, batch.dataset) or Manifest(batch.dataset)
         files = dict(base.files)
         by_source = {entry.source_key: path for path, entry in files.items()}
@@ -121,7 +123,7 @@ class Ingestor:
 
         with tempfile.TemporaryDirectory(dir=self.work_dir, prefix="ingest-") as tmp:
             checked = await self._check_all(created, base, Path(tmp), result)
-            previous_split = {entry.md5: entry.split for entry in base.files.values()}
+            previous_split = base.splits_seen()
             for item in checked:
                 await asyncio.to_thread(self.repo.stage_file, item.md5, item.local)
                 files[item.path.path] = FileEntry(
@@ -139,16 +141,19 @@ class Ingestor:
         files = {path: e for path, e in files.items() if e.source_key not in left_out_keys}
         content = {(p, e.md5) for p, e in files.items()}
         added, gone = len(content - base.content()), len(base.content() - content)
-        settled = [c.change.key for c in checked if c.change.key not in left_out_keys]
+        held = {(e.source_key, e.etag) for e in base.files.values()}
+        already = [c.key for c in created if c.etag and (c.key, c.etag) in held]  # brought again
+        settled = [c.change.key for c in checked if c.change.key not in left_out_keys] + already
         removed_keys = [c.key for c in removed]
 
         if content == base.content():
             self.log.info("no new version: same content", dataset=batch.dataset, changes=len(batch.changes))
-            await self._remember(batch.dataset, result.rejected, base, settled, left_out, removed_keys)
+            current = Manifest(batch.dataset, base.version, files)  # with the etags this batch saw
+            await self._remember(batch.dataset, result.rejected, current, settled, left_out, removed_keys)
             return result
 
         version = await asyncio.to_thread(self.repo.latest_version, batch.dataset) + 1
-        manifest = Manifest(batch.dataset, version, files)
+        manifest = Manifest(batch.dataset, version, files, retired=base.retired_after(files))
         manifest.notes = {
             "added": added,
             "removed": gone,
@@ -180,19 +185,28 @@ class Ingestor:
                 await asyncio.to_thread(self.repo.publish, dataset, version)
             announced = []
             for dataset in await asyncio.to_thread(self.repo.datasets):
-                version = await asyncio.to_thread(self.repo.latest_version, dataset)
-                if version == 0 or await self.known.announced(dataset) >= version:
-                    continue
-                manifest = await asyncio.to_thread(self.repo.read_manifest, dataset, version)
-                assert manifest is not None
-                commit = await asyncio.to_thread(self.repo.version_commit, dataset, version)
-                event = self.versioned_event(manifest, commit.git_rev, commit.dvc_md5)
-                await self.publish(event)
-                keys = [e.source_key for e in manifest.files.values()]
-                await self._remember(dataset, [], manifest, keys)
-                await self.known.set_announced(dataset, version)
-                announced.append(event)
+                event = await self._finish_unannounced(dataset)
+                if event is not None:
+                    announced.append(event)
             return announced
+
+    async def _finish_unannounced(self, dataset: str) -> DatasetVersioned | None:
+        """Push and announce the newest version of ``dataset`` if a failure stopped that (else None).
+
+        Pushing is idempotent and the event id follows the version, so doing it twice does no harm.
+        """
+        version = await asyncio.to_thread(self.repo.latest_version, dataset)
+        if version == 0 or await self.known.announced(dataset) >= version:
+            return None
+        await asyncio.to_thread(self.repo.publish, dataset, version)
+        manifest = await asyncio.to_thread(self.repo.read_manifest, dataset, version)
+        assert manifest is not None
+        commit = await asyncio.to_thread(self.repo.version_commit, dataset, version)
+        event = self.versioned_event(manifest, commit.git_rev, commit.dvc_md5)
+        await self.publish(event)
+        await self._remember(dataset, [], manifest, [e.source_key for e in manifest.files.values()])
+        await self.known.set_announced(dataset, version)
+        return event
 
     async def _left_out(self, batch: Batch) -> list[ObjectChange]:
         known = await self.known.load()
@@ -226,6 +240,8 @@ class Ingestor:
                     too_large = Rejection("too_large", str(exc))
                     result.rejected.append(await self._reject(change, parsed.dataset, too_large, exc.size))
                     return None
+                except Missing:
+                    return None  # deleted since it was listed or announced: its removal comes next
                 info = await asyncio.to_thread(check_image, local, self.limits)
             if isinstance(info, Rejection):
                 result.rejected.append(await self._reject(change, parsed.dataset, info, size))

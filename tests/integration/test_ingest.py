@@ -150,6 +150,14 @@ async def test_bad_files_are_quarantined_while_the_good_ones_are_versioned(
     client = s3_server.client()
     bucket = settings.incoming_bucket
     good = images.digits_images()[:20]
+    microscopy = {  # other good files: every format and depth ingest must take
+        "digits/8/rgb.png": images.rgb_png(24, 24, seed=1),
+        "digits/8/gray16.tif": images.gray16_tiff(48, 40, seed=2),
+        "digits/8/five-channels.tif": images.multichannel_tiff(32, 32, channels=5, seed=3),
+        "digits/9/z-stack.tif": images.multipage_tiff(32, 32, pages=4, seed=4),
+        "digits/9/photo.jpg": images.jpeg(40, 30, seed=5),
+        "digits/9/lzw.tif": images.pillow_tiff(32, 32, seed=6),
+    }
     bad = {
         "digits/3/corrupt.png": images.corrupt_png(),
         "digits/3/truncated.png": images.truncated_png(),
@@ -165,13 +173,12 @@ async def test_bad_files_are_quarantined_while_the_good_ones_are_versioned(
     app, _ = build(settings)
     async with app:
         upload_digits(client, bucket, good)
-        for key, data in bad.items():
+        for key, data in (microscopy | bad).items():
             put(client, bucket, key, data)
         await events.wait(lambda: len(events.versioned) == 1 and len(events.rejected) == len(bad))
     [version] = events.versioned
-    assert (
-        sum(version.label_counts.values()) == 20 and version.rejected == len(bad) - 1
-    )  # one names no dataset
+    assert sum(version.label_counts.values()) == 20 + len(microscopy)
+    assert version.rejected == len(bad) - 1  # the key that names no valid dataset is reported under "unknown"
     by_key = {r.key: r for r in events.rejected}
     assert set(by_key) == set(bad)
     expected = {

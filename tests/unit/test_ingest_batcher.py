@@ -87,7 +87,10 @@ def test_datasets_are_batched_apart(batcher: Batcher, clock: Clock) -> None:
     assert digits.dataset == "digits" and list(digits.changes) == ["digits/1/a.png"]
     clock.advance(2.0)
     [cells] = batcher.due()
-    assert cells.dataset == "cells" and sorted(cells.changes) == ["cells/mitosis/a.tif", "cells/mitosis/b.tif"]
+    assert cells.dataset == "cells" and sorted(cells.changes) == [
+        "cells/mitosis/a.tif",
+        "cells/mitosis/b.tif",
+    ]
 
 
 def test_keys_that_name_no_dataset_are_batched_under_their_first_segment(batcher: Batcher) -> None:

@@ -125,7 +125,7 @@ def test_json_is_sorted_by_path_whatever_the_insertion_order() -> None:
     doc = json.loads(manifest.to_json())
     paths = [f["path"] for f in doc["files"]]
     assert paths == sorted(paths)
-    assert set(doc) == {"dataset", "version", "notes", "files"}
+    assert set(doc) == {"dataset", "version", "notes", "retired", "files"}
 
 
 def test_a_manifest_without_notes_reads_back_with_empty_notes() -> None:
@@ -186,7 +186,9 @@ def test_source_digest_is_stable_under_ordering_and_follows_key_and_etag() -> No
     path, first = next(iter(manifest.files.items()))
     changed_etag = Manifest("digits", 3, {**manifest.files, path: _replace(first, etag="other")})
     assert changed_etag.source_digest() != manifest.source_digest()
-    changed_key = Manifest("digits", 3, {**manifest.files, path: _replace(first, source_key="digits/x/y.png")})
+    changed_key = Manifest(
+        "digits", 3, {**manifest.files, path: _replace(first, source_key="digits/x/y.png")}
+    )
     assert changed_key.source_digest() != manifest.source_digest()
 
 
@@ -197,7 +199,10 @@ def test_content_is_path_and_md5_and_by_md5_indexes_files() -> None:
     same = Manifest(
         "digits",
         4,
-        {p: _replace(e, etag="multipart-2", source_key=e.source_key + "x") for p, e in manifest.files.items()},
+        {
+            p: _replace(e, etag="multipart-2", source_key=e.source_key + "x")
+            for p, e in manifest.files.items()
+        },
     )
     assert same.content() == manifest.content()
     assert set(manifest.by_md5()) == {e.md5 for e in manifest.files.values()}
@@ -207,3 +212,16 @@ def test_content_is_path_and_md5_and_by_md5_indexes_files() -> None:
 
 def _replace(e: FileEntry, **changes: str) -> FileEntry:
     return dataclasses.replace(e, **changes)  # type: ignore[arg-type]
+
+
+def test_an_image_that_comes_back_returns_to_its_split() -> None:
+    """Removed in one version and uploaded again after the percentages changed: the same split as before."""
+    v1 = digits_manifest(20)
+    gone = next(iter(v1.files.values()))
+    remaining = {path: e for path, e in v1.files.items() if path != gone.path}
+    v2 = Manifest("digits", 2, remaining, retired=v1.retired_after(remaining))
+    assert v2.retired == {gone.md5: gone.split}
+    back = Manifest.from_json(v2.to_json())
+    assert back.splits_seen()[gone.md5] == gone.split
+    v3 = Manifest("digits", 3, v1.files, retired=v2.retired_after(v1.files))
+    assert v3.retired == {}

@@ -42,7 +42,11 @@ def _record(
             },
             "object": {"key": key, "sequencer": sequencer, **obj},
         },
-        "source": {"host": "10.0.0.7", "port": "", "userAgent": "MinIO (linux; amd64) minio-go/v7.0.83 mc/2025"},
+        "source": {
+            "host": "10.0.0.7",
+            "port": "",
+            "userAgent": "MinIO (linux; amd64) minio-go/v7.0.83 mc/2025",
+        },
     }
 
 
