@@ -132,6 +132,7 @@ class KVBuckets:
     rollout: str
     policy: str
     ingest_objects: str  # the objects ingest has versioned or rejected, one entry per object
+    trainer: str  # the trainer's own state per model (drift retraining, labels needed)
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,10 @@ class Subjects:
     def kv(self) -> KVBuckets:
         base = self.prefix.replace("-", "_")
         return KVBuckets(
-            rollout=f"{base}_rollout", policy=f"{base}_policy", ingest_objects=f"{base}_ingest_objects"
+            rollout=f"{base}_rollout",
+            policy=f"{base}_policy",
+            ingest_objects=f"{base}_ingest_objects",
+            trainer=f"{base}_trainer",
         )
 
     def stream_for(self, subject: str) -> str:

@@ -21,6 +21,7 @@ from deploy.local.secrets import LocalSecrets
 from deploy.local.state import read_json, running_supervisor
 from deploy.local.status import collect_status
 from services.ingest.cli import datasets_command, upload_command
+from services.trainer.cli import lineage_command, train_command
 
 __all__ = ["app", "main"]
 
@@ -37,6 +38,8 @@ app.add_typer(policy_app, name="policy", help="Per-model policy: apply a YAML fi
 # Each service's own commands (services/<svc>/cli.py), assembled here.
 app.command("upload")(upload_command(bus_settings))
 app.command("datasets")(datasets_command(bus_settings))
+app.command("train")(train_command(bus_settings))
+app.command("lineage")(lineage_command(bus_settings))
 
 console = Console()
 err = Console(stderr=True)

@@ -20,7 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from contracts.envelope import decode
 from contracts.events import DatasetVersioned
 from deploy.local.config import StackSettings
-from services.ingest.cli import read_versions, s3_client, show_version, upload_dir
+from services.ingest.cli import s3_client, show_version, upload_dir
+from services.runtime.versions import read_versions
 
 __all__ = ["digit_pngs", "run_demo", "write_digits"]
 

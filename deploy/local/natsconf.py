@@ -23,6 +23,7 @@ ADMIN_USER = "admin"
 _EXTRA_PUBLISH: dict[str, tuple[str, ...]] = {
     "registry": ("{p}.audit.>", "$KV.{kv}_rollout.>"),
     "ingest": ("$KV.{kv}_ingest_objects.>",),
+    "trainer": ("$KV.{kv}_trainer.>",),
 }
 
 

@@ -29,7 +29,7 @@ class ServiceSpec:
 
 
 # Start order. Later issues add their service here, one line each.
-STACK_SERVICES: tuple[ServiceSpec, ...] = (ServiceSpec("ingest"),)
+STACK_SERVICES: tuple[ServiceSpec, ...] = (ServiceSpec("ingest"), ServiceSpec("trainer"))
 
 
 def threads_per_service(n_services: int) -> int:

@@ -10,22 +10,19 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-import nats
 import typer
 from minio import Minio
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from contracts.envelope import decode
 from contracts.events import DatasetVersioned
 from contracts.names import ModelRef, validate_name
 from services.runtime.config import Settings
+from services.runtime.versions import read_versions
 
-__all__ = ["datasets_command", "read_versions", "upload_command", "upload_dir"]
+__all__ = ["datasets_command", "upload_command", "upload_dir"]
 
 console = Console()
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -107,42 +104,6 @@ def upload_command(settings_factory: Callable[[], Settings]) -> Callable[..., No
         )
 
     return upload
-
-
-async def read_versions(settings: Settings, dataset: str = "*") -> list[DatasetVersioned]:
-    """Every announced version (of one dataset or all), oldest first, from the control stream."""
-    connect: dict[str, Any] = {
-        "servers": [settings.nats_url],
-        "connect_timeout": 3,
-        "max_reconnect_attempts": 0,
-    }
-    if settings.nats_user:
-        connect |= {"user": settings.nats_user, "password": settings.nats_password.get_secret_value()}  # type: ignore[union-attr]
-    nc = await nats.connect(**connect)
-    try:
-        js = nc.jetstream()
-        subject = settings.subjects.event_filter(DatasetVersioned.type, dataset)
-        sub = await js.subscribe(
-            subject,
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-            stream=settings.subjects.control_stream,
-        )
-        versions: list[DatasetVersioned] = []
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=1.0)
-                versions.append(decode(msg.data, DatasetVersioned)[1])
-                if msg.metadata.num_pending == 0:
-                    break
-        except (TimeoutError, nats.errors.TimeoutError):
-            pass
-        finally:
-            await sub.unsubscribe()
-        latest = {(v.dataset, v.version): v for v in versions}  # a re-sent announcement is the same version
-        return sorted(latest.values(), key=lambda v: (v.dataset, v.version))
-    finally:
-        await nc.close()
 
 
 def datasets_command(settings_factory: Callable[[], Settings]) -> Callable[..., None]:

@@ -53,6 +53,7 @@ __all__ = [
     "is_md5",
     "normalize_remote_url",
     "read_dvc_out",
+    "read_manifest",
     "version_tag",
 ]
 
@@ -320,6 +321,20 @@ def fetch_version(
                 f"download, e.g. {problems}: the DVC remote holds damaged objects"
             )
     return DatasetFiles(dataset, version, rev, dir_md5, repo_url, tuple(sorted(files, key=lambda f: f.path)))
+
+
+def read_manifest(
+    repo_url: str, dataset: str, version: int, cache_dir: Path
+) -> tuple[str, str, dict[str, Any]]:
+    """(git rev, DVC md5, manifest) of a version, without its data: what lineage shows."""
+    validate_name(dataset)
+    clone = cache_dir / "repos" / hashlib.sha256(repo_url.encode()).hexdigest()[:16]
+    with file_lock(clone.with_name(clone.name + ".lock")):
+        _ensure_clone(repo_url, clone)
+        version, rev = _resolve(clone, repo_url, dataset, version, need_fetch=False)
+        dir_md5, _, _ = read_dvc_out(git(clone, "show", f"{rev}:{dataset}.dvc"), f"{dataset}.dvc@{rev}")
+        manifest: dict[str, Any] = json.loads(git(clone, "show", f"{rev}:{dataset}.manifest.json"))
+    return rev, dir_md5, manifest
 
 
 def _ensure_clone(repo_url: str, clone: Path) -> None:

@@ -54,6 +54,7 @@ async def ensure_streams(js: JetStreamContext, subjects: Subjects, *, replicas: 
         (subjects.kv.rollout, "rollout state per model; written only by the registry"),
         (subjects.kv.policy, "per-model policy; written by `conveyor policy apply`"),
         (subjects.kv.ingest_objects, "objects ingest has versioned or rejected; written only by ingest"),
+        (subjects.kv.trainer, "the trainer's state per model (drift retraining, labels needed)"),
     ):
         try:
             await js.key_value(bucket)

@@ -1,0 +1,54 @@
+"""The dataset versions ingest announced, read back from the control stream (no ingest state is touched).
+
+Used by the CLI (`conveyor datasets`) and the trainer (which version is the newest, for drift retraining
+and `conveyor train DATASET`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from contracts.envelope import decode
+from contracts.events import DatasetVersioned
+from services.runtime.config import Settings
+
+__all__ = ["read_versions"]
+
+
+async def read_versions(settings: Settings, dataset: str = "*") -> list[DatasetVersioned]:
+    """Every announced version (of one dataset or all), oldest first, from the control stream."""
+    connect: dict[str, Any] = {
+        "servers": [settings.nats_url],
+        "connect_timeout": 3,
+        "max_reconnect_attempts": 0,
+    }
+    if settings.nats_user:
+        connect |= {"user": settings.nats_user, "password": settings.nats_password.get_secret_value()}  # type: ignore[union-attr]
+    nc = await nats.connect(**connect)
+    try:
+        js = nc.jetstream()
+        subject = settings.subjects.event_filter(DatasetVersioned.type, dataset)
+        sub = await js.subscribe(
+            subject,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+            stream=settings.subjects.control_stream,
+        )
+        versions: list[DatasetVersioned] = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=1.0)
+                versions.append(decode(msg.data, DatasetVersioned)[1])
+                if msg.metadata.num_pending == 0:
+                    break
+        except (TimeoutError, nats.errors.TimeoutError):
+            pass
+        finally:
+            await sub.unsubscribe()
+        latest = {(v.dataset, v.version): v for v in versions}  # a re-sent announcement is the same version
+        return sorted(latest.values(), key=lambda v: (v.dataset, v.version))
+    finally:
+        await nc.close()
