@@ -6,6 +6,7 @@ stay apart by using their own ``prefix`` (subjects, streams, KV buckets) and the
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Iterator
 
@@ -21,6 +22,10 @@ from tests.servers import (
     run_s3,
     run_triton,
 )
+
+# Every test makes the streams of its own prefix, and JetStream reserves the inference stream's size limit
+# on disk for each: keep it small so a whole session fits on a small disk (services read the environment).
+os.environ.setdefault("CONVEYOR_INFERENCE_MAX_BYTES", str(16 * 1024**2))
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from opentelemetry.sdk.trace import SpanProcessor
 
-from contracts.events import ModelPromoted, ModelTrained
+from contracts.events import DatasetVersioned, ModelPromoted, ModelTrained, SplitCounts
 from contracts.examples import example_event
+from services.ingest.datarepo import DataRepo
+from services.ingest.manifest import FileEntry, Manifest, assign_split
 from services.runtime.bus import EventBus
 from services.runtime.config import Settings
 from services.runtime.consumer import Delivery
@@ -58,3 +61,39 @@ async def assert_one_mlflow_trace(client: Any, experiment_id: str, trace_id: str
     # trainer publish, registry process + publish, serving process
     assert sum(span.name.endswith(" process") for span in spans) == 2
     assert sum(span.name.endswith(" publish") for span in spans) == 2
+
+
+def commit_version(
+    repo: DataRepo, items: list[tuple[str, str, bytes]], version: int, dataset: str = "digits"
+) -> DatasetVersioned:
+    """Make a dataset version the way ingest does (stage, commit, push) and return its event."""
+    tmp = repo.workdir.parent / "staging"
+    tmp.mkdir(exist_ok=True)
+    files = {}
+    for label, name, data in items:
+        md5 = hashlib.md5(data).hexdigest()
+        path = tmp / md5
+        path.write_bytes(data)
+        repo.stage_file(md5, path)
+        files[f"{label}/{name}"] = FileEntry(
+            f"{label}/{name}", label, md5, len(data), assign_split(md5), f"{dataset}/{label}/{name}", md5
+        )
+    manifest = Manifest(dataset, version, files)
+    commit = repo.commit_version(manifest)
+    repo.publish(dataset, version)
+    return DatasetVersioned(
+        dataset=dataset,
+        version=version,
+        git_rev=commit.git_rev,
+        dvc_md5=commit.dvc_md5,
+        repo_url=repo.repo_url,
+        remote_url=repo.remote_url,
+        label_counts=manifest.label_counts(),
+        split_counts=SplitCounts(**manifest.split_counts()),
+        total_bytes=manifest.total_bytes(),
+        added=len(files),
+        removed=0,
+        rejected=0,
+        source_digest=manifest.source_digest(),
+        ingest_seconds=0.0,
+    )

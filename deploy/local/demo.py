@@ -1,15 +1,18 @@
 """``conveyor demo`` (``make demo``): the loop as far as it exists, on scikit-learn's digits.
 
 Today: start the stack, render the digits (shipped inside scikit-learn, no download) to PNG files, upload
-them to the incoming bucket like a user would, and show ingest turning them into a dataset version.
+them to the incoming bucket like a user would, show ingest turning them into a dataset version, and the
+trainer turning that into a registered model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import time
 from pathlib import Path
+from typing import Any
 
 import nats
 import numpy as np
@@ -17,8 +20,8 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from contracts.envelope import decode
-from contracts.events import DatasetVersioned
+from contracts.envelope import Event, decode
+from contracts.events import DatasetVersioned, ModelTrained, ModelTrainingFailed
 from deploy.local.config import StackSettings
 from services.ingest.cli import s3_client, show_version, upload_dir
 from services.runtime.versions import read_versions
@@ -52,51 +55,111 @@ def write_digits(root: Path) -> Path:
     return root
 
 
-async def _wait_for_version(settings: StackSettings, timeout: float) -> DatasetVersioned | None:
-    nc = await nats.connect(**settings.admin_connect_kwargs())  # type: ignore[arg-type]
-    try:
-        sub = await nc.subscribe(settings.subjects.event(DatasetVersioned.type, DATASET))
-        try:
-            msg = await sub.next_msg(timeout=timeout)
-        except nats.errors.TimeoutError:
-            return None
-        return decode(msg.data, DatasetVersioned)[1]
-    finally:
-        await nc.close()
+class Watcher:
+    """Collects this demo's events (dataset.versioned, model.trained, model.training_failed for digits)."""
+
+    def __init__(self, settings: StackSettings) -> None:
+        self.settings = settings
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.nc: nats.NATS | None = None
+
+    async def start(self) -> None:
+        self.nc = await nats.connect(**self.settings.admin_connect_kwargs())  # type: ignore[arg-type]
+        for cls in (DatasetVersioned, ModelTrained, ModelTrainingFailed):
+            subject = self.settings.subjects.event(cls.type, DATASET)
+            await self.nc.subscribe(subject, cb=functools.partial(self._got, cls))
+        await self.nc.flush()
+
+    async def _got(self, cls: type[Event], msg: Any) -> None:
+        self.queue.put_nowait(decode(msg.data, cls)[1])
+
+    async def next(self, kinds: tuple[type[Event], ...], timeout: float) -> Event | None:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                event = await asyncio.wait_for(self.queue.get(), left)
+            except TimeoutError:
+                return None
+            if isinstance(event, kinds):
+                return event
+        return None
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            await self.nc.close()
 
 
 def run_demo(settings: StackSettings, console: Console) -> None:
     folder = write_digits(settings.state_dir / "demo" / DATASET)
     before = asyncio.run(read_versions(settings, DATASET))
+    loop = asyncio.new_event_loop()
+    watcher = Watcher(settings)
+    loop.run_until_complete(watcher.start())  # subscribed before the first file lands
+    try:
+        _demo(settings, console, folder, before, loop, watcher)
+    finally:
+        loop.run_until_complete(watcher.close())
+        loop.close()
+
+
+def _demo(
+    settings: StackSettings,
+    console: Console,
+    folder: Path,
+    before: list[DatasetVersioned],
+    loop: asyncio.AbstractEventLoop,
+    watcher: Watcher,
+) -> None:
     console.print(f"\n[bold]1. Upload[/] scikit-learn's digits ({folder}) to s3://incoming/{DATASET}/")
     files = sorted(folder.glob("*/*.png"))
-    columns = (TextColumn("   uploading"), BarColumn(), MofNCompleteColumn())
-    loop = asyncio.new_event_loop()
-    waiting = loop.create_task(_wait_for_version(settings, 120 if not before else 20))
-    loop.run_until_complete(asyncio.sleep(0.2))  # subscribed before the first file lands
     started = time.monotonic()
-    with Progress(*columns, console=console) as progress:
+    with Progress(TextColumn("   uploading"), BarColumn(), MofNCompleteColumn(), console=console) as progress:
         task = progress.add_task("upload", total=len(files))
         upload_dir(s3_client(settings), folder, DATASET, on_done=lambda _: progress.advance(task))
+
     console.print(
         "[bold]2. Ingest[/] checks every file, versions the batch with DVC, pushes it, announces it"
     )
     with console.status("   waiting for dataset.versioned ..."):
-        version = loop.run_until_complete(waiting)
-    loop.close()
-    if version is None and before:
+        got = loop.run_until_complete(watcher.next((DatasetVersioned,), 120 if not before else 20))
+    if got is None and before:
         console.print(
             f"   no new version: the same files are already {DATASET}@{before[-1].version} "
-            "(the same content never makes a new version)"
+            "(the same content never makes a new version, so nothing is trained again either)"
         )
-        version = before[-1]
-    elif version is None:
+        show_version(before[-1])
+        return _next(settings, console)
+    if not isinstance(got, DatasetVersioned):
         console.print("   [red]no version after 2 minutes[/]: see .conveyor/logs/ingest.log")
-        return
+        return None
+    console.print(f"   versioned {time.monotonic() - started:.1f} s after the upload started")
+    show_version(got)
+
+    console.print(
+        "[bold]3. Train[/] the trainer fetches exactly that version, trains, exports, registers in MLflow"
+    )
+    with console.status("   waiting for model.trained ..."):
+        trained = loop.run_until_complete(watcher.next((ModelTrained, ModelTrainingFailed), 600))
+    if isinstance(trained, ModelTrainingFailed):
+        console.print(f"   [red]training failed[/] ({trained.reason_code}): {trained.reason}")
+    elif isinstance(trained, ModelTrained):
+        m = trained.metrics
+        console.print(
+            f"   {trained.model}@{trained.version} registered as candidate, trained in "
+            f"{trained.training_seconds:.1f} s on {trained.device}: test accuracy {m.test_accuracy:.3f}, "
+            f"macro F1 {m.test_macro_f1:.3f}"
+        )
+        console.print(f"   artifacts: {', '.join(sorted(trained.artifacts))}")
+        console.print(
+            f"   `conveyor lineage {trained.model}@{trained.version}` walks back to the uploaded files"
+        )
     else:
-        console.print(f"   versioned {time.monotonic() - started:.1f} s after the upload started")
-    show_version(version)
+        console.print("   [red]no model after 10 minutes[/]: see .conveyor/logs/trainer.log")
+    return _next(settings, console)
+
+
+def _next(settings: StackSettings, console: Console) -> None:
     console.print(
         "\n[bold]Next[/]: `conveyor datasets`, `conveyor events tail`, MLflow at "
-        f"{settings.mlflow_url}. Training, serving and monitoring come with the next issues."
+        f"{settings.mlflow_url}. Promotion, serving and monitoring come with the next issues."
     )

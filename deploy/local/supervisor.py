@@ -169,7 +169,12 @@ class Supervisor:
 
         nc = await nats.connect(**self.settings.admin_connect_kwargs(), connect_timeout=5)  # type: ignore[arg-type]
         try:
-            return await ensure_streams(nc.jetstream(), self.settings.subjects)
+            return await ensure_streams(
+                nc.jetstream(),
+                self.settings.subjects,
+                inference_max_bytes=self.settings.inference_max_bytes,
+                inference_max_age_s=self.settings.inference_max_age_s,
+            )
         finally:
             await nc.close()
 

@@ -85,7 +85,12 @@ class EventBus:
     async def prepare(self) -> None:
         """Connect and make sure the streams and KV buckets exist (before any durable consumer attaches)."""
         await self.broker.connect()
-        await ensure_streams(self.js, self.subjects)
+        await ensure_streams(
+            self.js,
+            self.subjects,
+            inference_max_bytes=self.settings.inference_max_bytes,
+            inference_max_age_s=self.settings.inference_max_age_s,
+        )
 
     async def start(self) -> None:
         """Prepare, then start the consumers."""

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     http_port: int = Field(0, description="health, readiness and /metrics; 0 picks a free port")
 
+    inference_max_bytes: int = Field(
+        2 * 1024**3, ge=1024**2, description="size limit of the inference stream (JetStream reserves it)"
+    )
+    inference_max_age_s: float = Field(7 * 24 * 3600, gt=0, description="age limit of the inference stream")
     max_deliveries: int = Field(5, ge=1, description="deliveries before a failing message is dead-lettered")
     retry_base_delay_s: float = Field(1.0, gt=0, description="first nak delay; doubles per delivery")
     retry_max_delay_s: float = Field(60.0, gt=0)

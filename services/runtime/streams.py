@@ -32,10 +32,19 @@ def stream_config(spec: StreamSpec, *, replicas: int = 1) -> StreamConfig:
     )
 
 
-async def ensure_streams(js: JetStreamContext, subjects: Subjects, *, replicas: int = 1) -> list[str]:
+async def ensure_streams(
+    js: JetStreamContext,
+    subjects: Subjects,
+    *,
+    replicas: int = 1,
+    inference_max_bytes: int = 2 * 1024**3,
+    inference_max_age_s: float = 7 * 24 * 3600,
+) -> list[str]:
     """Create or update every stream and KV bucket; returns their names."""
     names = []
-    for spec in subjects.streams():
+    for spec in subjects.streams(
+        inference_max_age_s=inference_max_age_s, inference_max_bytes=inference_max_bytes
+    ):
         config = stream_config(spec, replicas=replicas)
         try:
             await js.stream_info(spec.name)

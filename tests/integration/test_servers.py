@@ -21,7 +21,7 @@ async def test_nats_jetstream_with_admin_credentials(nats_server: NatsServer, pr
     try:
         js = nc.jetstream()
         subjects = Subjects(prefix)
-        await ensure_streams(js, subjects)
+        await ensure_streams(js, subjects, inference_max_bytes=16 * 1024**2)
         ack = await js.publish(subjects.event("dataset.versioned", "digits"), b"{}")
         assert ack.stream == subjects.control_stream
         info = await js.stream_info(subjects.control_stream)
@@ -40,7 +40,7 @@ async def test_nats_service_user_keeps_its_rights_on_any_prefix(nats_server: Nat
         errors.append(exc)
 
     admin = await nats.connect(**nats_server.connect_kwargs())
-    await ensure_streams(admin.jetstream(), Subjects(prefix))
+    await ensure_streams(admin.jetstream(), Subjects(prefix), inference_max_bytes=16 * 1024**2)
     await admin.close()
     nc = await nats.connect(**nats_server.connect_kwargs("ingest"), error_cb=on_error)
     try:

@@ -16,24 +16,23 @@ import numpy as np
 import pytest
 
 from contracts.events import (
-    DatasetVersioned,
     DriftDetected,
     ModelTrained,
     ModelTrainingFailed,
-    SplitCounts,
     TrainRequested,
 )
 from contracts.examples import example_event
 from contracts.kv import ModelPolicy
 from deploy.local.natsconf import ADMIN_USER
 from services.ingest.datarepo import DataRepo
-from services.ingest.manifest import FileEntry, Manifest, assign_split
+from services.ingest.manifest import assign_split
 from services.runtime.bus import EventBus
 from services.runtime.config import Settings
 from services.runtime.consumer import Delivery
 from services.trainer.app import build
 from services.trainer.config import TrainerSettings
 from tests import images
+from tests.flows import commit_version
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -99,42 +98,6 @@ async def bus(world: dict[str, Any]) -> AsyncIterator[tuple[EventBus, Seen]]:
     admin.consume(ModelTrainingFailed, on_failed, durable="tests-failed")
     async with admin:
         yield admin, seen
-
-
-def commit_version(
-    repo: DataRepo, items: list[tuple[str, str, bytes]], version: int, dataset: str = "digits"
-) -> DatasetVersioned:
-    """Make a dataset version the way ingest does (stage, commit, push) and return its event."""
-    tmp = repo.workdir.parent / "staging"
-    tmp.mkdir(exist_ok=True)
-    files = {}
-    for label, name, data in items:
-        md5 = hashlib.md5(data).hexdigest()
-        path = tmp / md5
-        path.write_bytes(data)
-        repo.stage_file(md5, path)
-        files[f"{label}/{name}"] = FileEntry(
-            f"{label}/{name}", label, md5, len(data), assign_split(md5), f"{dataset}/{label}/{name}", md5
-        )
-    manifest = Manifest(dataset, version, files)
-    commit = repo.commit_version(manifest)
-    repo.publish(dataset, version)
-    return DatasetVersioned(
-        dataset=dataset,
-        version=version,
-        git_rev=commit.git_rev,
-        dvc_md5=commit.dvc_md5,
-        repo_url=repo.repo_url,
-        remote_url=repo.remote_url,
-        label_counts=manifest.label_counts(),
-        split_counts=SplitCounts(**manifest.split_counts()),
-        total_bytes=manifest.total_bytes(),
-        added=len(files),
-        removed=0,
-        rejected=0,
-        source_digest=manifest.source_digest(),
-        ingest_seconds=0.0,
-    )
 
 
 async def apply_policy(admin: EventBus, policy: ModelPolicy) -> None:
