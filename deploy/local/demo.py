@@ -135,9 +135,7 @@ def _demo(
     console.print(f"   versioned {time.monotonic() - started:.1f} s after the upload started")
     show_version(got)
 
-    console.print(
-        "[bold]3. Train[/] the trainer fetches exactly that version, trains, exports, registers in MLflow"
-    )
+    console.print("[bold]3. Train[/] on exactly that version, export the model, register it in MLflow")
     with console.status("   waiting for model.trained ..."):
         trained = loop.run_until_complete(watcher.next((ModelTrained, ModelTrainingFailed), 600))
     if isinstance(trained, ModelTrainingFailed):

@@ -37,14 +37,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contracts.kv import Hyperparameters
+if TYPE_CHECKING:  # only a type here: bench/gpu.py runs this module on a machine with torch alone
+    from contracts.kv import Hyperparameters
 
 __all__ = [
     "MIN_TRAIN_IMAGES",
