@@ -45,7 +45,7 @@ def bare(x: np.ndarray, y: np.ndarray, classes: int, args: argparse.Namespace, d
     """The plainest fast loop: data on the device, bf16 autocast on CUDA, channels-last, AdamW."""
     model = build_model("resnet", 3, classes, args.size).to(dev)
     if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     xt, yt = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
