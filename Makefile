@@ -38,6 +38,7 @@ unit: $(STAMP)  ## only the tests that need no server
 bench: $(STAMP)  ## print the benchmark figures (one JSON line each)
 	$(BIN)/python bench/bus.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/train.py
 
 up: $(STAMP)  ## start the embedded stack
 	$(BIN)/conveyor up
