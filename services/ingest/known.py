@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
+
+from services.runtime.kvstore import LazyBucket
 
 __all__ = ["KnownObject", "KnownObjects", "kv_key_for"]
 
@@ -34,21 +33,15 @@ class KnownObject:
     etag: str
     dataset: str
     status: Literal["versioned", "rejected", "left_out"]
-    version: int = 0  # the dataset version that first held it (0 when rejected or left out)
-    sequencer: str = ""
+    version: int = 0  # the newest dataset version that holds it (0 when rejected or left out)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> KnownObject:
+        doc = json.loads(raw)
+        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})  # tolerate old fields
 
 
-class KnownObjects:
-    def __init__(self, js: Callable[[], JetStreamContext], bucket: str) -> None:
-        self.js = js  # a getter: the connection exists only once the service started
-        self.bucket = bucket
-        self._kv: KeyValue | None = None
-
-    async def kv(self) -> KeyValue:
-        if self._kv is None:
-            self._kv = await self.js().key_value(self.bucket)
-        return self._kv
-
+class KnownObjects(LazyBucket):
     async def load(self) -> dict[str, KnownObject]:
         """Every known object, by S3 key."""
         watcher = await (await self.kv()).watchall(ignore_deletes=True)
@@ -58,7 +51,7 @@ class KnownObjects:
                 if entry is None:  # the end of the current values
                     break
                 if entry.value and not entry.key.startswith(_ANNOUNCED):
-                    obj = KnownObject(**json.loads(entry.value))
+                    obj = KnownObject.from_json(entry.value)
                     known[obj.key] = obj
         finally:
             await watcher.stop()
@@ -69,7 +62,7 @@ class KnownObjects:
             entry = await (await self.kv()).get(kv_key_for(s3_key))
         except KeyNotFoundError:
             return None
-        return KnownObject(**json.loads(entry.value)) if entry.value else None
+        return KnownObject.from_json(entry.value) if entry.value else None
 
     async def put(self, objects: list[KnownObject]) -> None:
         kv = await self.kv()

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NoKeysError
-from nats.js.kv import KeyValue
 
 from contracts.kv import ModelPolicy, kv_key
+from services.runtime.kvstore import LazyBucket
 
 __all__ = ["Policies"]
 
 
-class Policies:
-    def __init__(self, js: Callable[[], JetStreamContext], bucket: str) -> None:
-        self.js = js  # a getter: the connection exists only once the service started
-        self.bucket = bucket
-        self._kv: KeyValue | None = None
-
-    async def kv(self) -> KeyValue:
-        if self._kv is None:
-            self._kv = await self.js().key_value(self.bucket)
-        return self._kv
-
+class Policies(LazyBucket):
     async def get(self, model: str) -> ModelPolicy:
         """The model's policy; the defaults when none was applied."""
         try:

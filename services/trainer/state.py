@@ -4,12 +4,11 @@ needs labels (drift came, but no newer labelled data was there to train on)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
+
+from services.runtime.kvstore import LazyBucket
 
 __all__ = ["ModelState", "TrainerState"]
 
@@ -23,16 +22,7 @@ class ModelState:
     trained_dataset_version: int | None = None  # the newest dataset version the drift found
 
 
-class TrainerState:
-    def __init__(self, js: Callable[[], JetStreamContext], bucket: str) -> None:
-        self.js, self.bucket = js, bucket
-        self._kv: KeyValue | None = None
-
-    async def kv(self) -> KeyValue:
-        if self._kv is None:
-            self._kv = await self.js().key_value(self.bucket)
-        return self._kv
-
+class TrainerState(LazyBucket):
     async def get(self, model: str) -> ModelState:
         try:
             entry = await (await self.kv()).get(model)
