@@ -16,6 +16,7 @@ from services.ingest.poller import Poller
 from services.ingest.records import ObjectChange
 from services.ingest.storage import Listed
 from tests import images
+from tests.fakes import MemoryKnown
 
 pytestmark = pytest.mark.unit
 
@@ -52,33 +53,6 @@ class Listing:
         raise AssertionError("the poller never quarantines")
 
 
-class Known:
-    """KnownObjects (NATS KV) in a dict, with the same async methods."""
-
-    def __init__(self) -> None:
-        self.objects: dict[str, KnownObject] = {}
-        self.marks: dict[str, int] = {}
-
-    async def load(self) -> dict[str, KnownObject]:
-        return dict(self.objects)
-
-    async def get(self, s3_key: str) -> KnownObject | None:
-        return self.objects.get(s3_key)
-
-    async def put(self, objects: list[KnownObject]) -> None:
-        self.objects.update((o.key, o) for o in objects)
-
-    async def forget(self, s3_keys: list[str]) -> None:
-        for key in s3_keys:
-            self.objects.pop(key, None)
-
-    async def announced(self, dataset: str) -> int:
-        return self.marks.get(dataset, 0)
-
-    async def set_announced(self, dataset: str, version: int) -> None:
-        self.marks[dataset] = version
-
-
 class Clock:
     now = 0.0
 
@@ -95,8 +69,8 @@ def listing() -> Listing:
 
 
 @pytest.fixture
-def known() -> Known:
-    return Known()
+def known() -> MemoryKnown:
+    return MemoryKnown()
 
 
 @pytest.fixture
@@ -105,7 +79,7 @@ def batcher() -> Batcher:
 
 
 @pytest.fixture
-def poller(listing: Listing, known: Known, batcher: Batcher) -> Poller:
+def poller(listing: Listing, known: MemoryKnown, batcher: Batcher) -> Poller:
     return Poller(listing, known, batcher, BUCKET, interval_s=0.01)  # type: ignore[arg-type]
 
 
@@ -131,7 +105,7 @@ async def test_the_first_poll_adds_every_listed_object(
 
 
 async def test_known_objects_are_not_added_again(
-    poller: Poller, listing: Listing, known: Known, batcher: Batcher
+    poller: Poller, listing: Listing, known: MemoryKnown, batcher: Batcher
 ) -> None:
     await known.put(versioned(listing))
     assert await poller.poll_once() == 0
@@ -149,7 +123,7 @@ async def test_known_objects_are_not_added_again(
 
 
 async def test_a_restart_after_the_version_was_remembered_finds_nothing(
-    listing: Listing, known: Known, batcher: Batcher
+    listing: Listing, known: MemoryKnown, batcher: Batcher
 ) -> None:
     first = Poller(listing, known, batcher, BUCKET, 1.0)  # type: ignore[arg-type]
     assert await first.poll_once() == 12
@@ -163,7 +137,7 @@ async def test_a_restart_after_the_version_was_remembered_finds_nothing(
 
 
 async def test_a_restart_before_the_version_was_remembered_finds_everything_again(
-    listing: Listing, known: Known
+    listing: Listing, known: MemoryKnown
 ) -> None:
     crashed = Batcher(quiet_s=3.0, max_batch=10_000, clock=Clock())
     assert await Poller(listing, known, crashed, BUCKET, 1.0).poll_once() == 12  # type: ignore[arg-type]
@@ -172,7 +146,7 @@ async def test_a_restart_before_the_version_was_remembered_finds_everything_agai
 
 
 async def test_a_changed_etag_is_added_again(
-    poller: Poller, listing: Listing, known: Known, batcher: Batcher
+    poller: Poller, listing: Listing, known: MemoryKnown, batcher: Batcher
 ) -> None:
     await known.put(versioned(listing))
     key = next(iter(listing.objects))
@@ -182,7 +156,7 @@ async def test_a_changed_etag_is_added_again(
 
 
 async def test_a_new_object_among_known_ones_is_added(
-    poller: Poller, listing: Listing, known: Known, batcher: Batcher
+    poller: Poller, listing: Listing, known: MemoryKnown, batcher: Batcher
 ) -> None:
     await known.put(versioned(listing))
     # lexically before every known key: a cursor over the listing would miss it
@@ -192,7 +166,7 @@ async def test_a_new_object_among_known_ones_is_added(
 
 
 async def test_an_object_missing_from_the_listing_is_removed(
-    poller: Poller, listing: Listing, known: Known, batcher: Batcher
+    poller: Poller, listing: Listing, known: MemoryKnown, batcher: Batcher
 ) -> None:
     await known.put(versioned(listing))
     gone = sorted(listing.objects)[:2]
@@ -220,7 +194,7 @@ async def test_an_object_pending_in_the_batcher_is_not_added_twice(
 
 
 async def test_a_pending_object_that_changes_again_is_added_with_its_new_etag(
-    poller: Poller, listing: Listing, known: Known, batcher: Batcher
+    poller: Poller, listing: Listing, known: MemoryKnown, batcher: Batcher
 ) -> None:
     await poller.poll_once()
     key = sorted(listing.objects)[0]
@@ -231,7 +205,7 @@ async def test_a_pending_object_that_changes_again_is_added_with_its_new_etag(
 
 
 async def test_a_removal_pending_in_the_batcher_is_not_added_twice(
-    poller: Poller, listing: Listing, known: Known, batcher: Batcher
+    poller: Poller, listing: Listing, known: MemoryKnown, batcher: Batcher
 ) -> None:
     await known.put(versioned(listing))
     key = sorted(listing.objects)[0]
