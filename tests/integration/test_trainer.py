@@ -214,10 +214,13 @@ async def test_a_backlog_is_coalesced_into_the_newest_version(world, bus):
     async with app:
         for event in events:
             await admin.publish(event)
-        await seen.wait(lambda: len(seen.trained) + len(seen.failed) >= 2)
-        await asyncio.sleep(3)
+        await seen.wait(lambda: any(t.dataset.version == 3 for t in seen.trained) or bool(seen.failed))
+        await asyncio.sleep(3)  # nothing more may come
     assert not seen.failed
-    assert [t.dataset.version for t in seen.trained] == [1, 3]
+    trained = [t.dataset.version for t in seen.trained]
+    # Which versions ran depends on what had arrived when the first training started ([1, 3], [2, 3] or
+    # [3]); what may never happen: three trainings, or an older version trained after a newer one.
+    assert trained[-1] == 3 and len(trained) < 3 and trained == sorted(set(trained)), trained
 
 
 async def test_manual_and_drift_policies(world, bus):
