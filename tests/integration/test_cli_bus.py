@@ -88,13 +88,22 @@ async def test_dead_letter_listed_and_replayed_through_the_cli(service_settings,
 
 async def test_events_tail_prints_events_live(service_settings, admin_bus, conveyor):
     tail = asyncio.create_task(asyncio.to_thread(conveyor, "events", "tail", "--json", "--count", "1"))
-    await asyncio.sleep(2.0)  # the CLI starts and subscribes
+    published = set()
     async with EventBus(service_settings("trainer")) as trainer:
-        await trainer.publish(example_event(ModelTrained))
+        # It shows what is published once it has subscribed: publish until it has shown one (however long
+        # the CLI takes to start on a busy machine).
+        for version in range(1, 120):
+            if tail.done():
+                break
+            event = example_event(ModelTrained).model_copy(update={"version": version})
+            await trainer.publish(event)
+            published.add(event.event_id())
+            await asyncio.sleep(0.25)
     out = await asyncio.wait_for(tail, 30)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout.strip().splitlines()[-1])
     assert doc["type"] == "model.trained" and doc["subject"] == "digits"
+    assert doc["id"] in published
 
 
 async def test_policy_apply_then_show(admin_bus, conveyor, tmp_path):
