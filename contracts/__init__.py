@@ -8,6 +8,7 @@ Every service and integrator speaks through these and nothing else. Errors::
 
 from __future__ import annotations
 
+from contracts.audit import AuditEntry
 from contracts.deadletter import DeadLetter
 from contracts.envelope import (
     CloudEvent,
@@ -43,6 +44,7 @@ from contracts.names import ModelRef, Name, Subjects, event_id, validate_name
 __all__ = [
     "EVENTS",
     "KV_VALUES",
+    "AuditEntry",
     "CanaryVerdict",
     "CloudEvent",
     "DatasetRejected",

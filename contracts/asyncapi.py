@@ -18,6 +18,7 @@ from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
 from pydantic import BaseModel, create_model
 
+from contracts.audit import AuditEntry
 from contracts.deadletter import DeadLetter
 from contracts.envelope import CloudEvent, Event
 from contracts.events import EVENTS
@@ -93,6 +94,12 @@ def build_broker(subjects: Subjects | None = None) -> NatsBroker:
         description=f"Stream `{subjects.dlq_stream}`. {_describe(DeadLetter)}",
         schema=DeadLetter,
     )
+    broker.publisher(
+        f"{subjects.prefix}.audit.{{model}}",
+        title="audit_entry",
+        description=f"Stream `{subjects.audit_stream}` (no deletes, no purges). {_describe(AuditEntry)}",
+        schema=AuditEntry,
+    )
     return broker
 
 
@@ -105,7 +112,7 @@ def render() -> str:
     doc = spec.to_specification().to_jsonable()
     # faststream's channel order is its own; order the document as the publishers were declared, so a
     # reader meets the events in the order of the loop and a diff shows only real changes.
-    order = [*EVENTS, "rollout_state", "model_policy", "dead_letter"]
+    order = [*EVENTS, "rollout_state", "model_policy", "dead_letter", "audit_entry"]
     for section in (doc["channels"], doc["operations"]):
         _reorder(section, lambda key: order.index(key))
     _reorder(doc["components"]["messages"], lambda key: order.index(key.split(":")[0]))

@@ -14,8 +14,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from contracts.audit import AuditEntry
+from contracts.deadletter import DeadLetter
 from contracts.events import EVENTS
 from contracts.kv import KV_VALUES
+
+# Records on the bus that are not events: dead letters and the audit log.
+RECORDS: dict[str, type[BaseModel]] = {"dead_letter": DeadLetter, "audit_entry": AuditEntry}
 
 __all__ = ["SCHEMA_DIR", "main", "render", "snapshot_models", "stale", "write"]
 
@@ -24,7 +29,7 @@ SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 def snapshot_models() -> dict[str, type[BaseModel]]:
     """Snapshot name (the file name without ``.json``) -> model: each event type, then each KV value."""
-    return {**EVENTS, **KV_VALUES}
+    return {**EVENTS, **KV_VALUES, **RECORDS}
 
 
 def render(model: type[BaseModel]) -> str:

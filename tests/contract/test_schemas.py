@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from contracts import EVENTS, KV_VALUES
-from contracts.snapshot import SCHEMA_DIR, main, render, snapshot_models, stale
+from contracts.snapshot import RECORDS, SCHEMA_DIR, main, render, snapshot_models, stale
 
 pytestmark = pytest.mark.unit
 
@@ -27,7 +27,7 @@ def test_snapshot_matches_model(name: str) -> None:
 
 
 def test_every_event_and_kv_value_is_snapshotted() -> None:
-    assert set(snapshot_models()) == set(EVENTS) | set(KV_VALUES)
+    assert set(snapshot_models()) == set(EVENTS) | set(KV_VALUES) | set(RECORDS)
     assert list(EVENTS)[:3] == ["dataset.versioned", "dataset.rejected", "train.requested"]
     assert len(EVENTS) == 13
 
