@@ -19,7 +19,7 @@ from services.ingest.config import IngestSettings
 from services.runtime.bus import EventBus
 from services.runtime.consumer import Delivery
 from services.runtime.datasets import S3Remote, fetch_event
-from tests import images
+from tests import images, minio
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -243,46 +243,14 @@ async def test_duplicates_under_different_labels_are_reported_and_left_out(
     assert sum(after.label_counts.values()) == 11 and after.duplicates == [] and after.added == 1
 
 
-def minio_notification(
-    bucket: str, key: str, etag: str, size: int, sequencer: str, removed: bool = False
-) -> bytes:
-    """MinIO's documented bucket-notification JSON for one object (keys are URL-encoded)."""
+def minio_notification(bucket: str, key: str, etag: str, size: int, sequencer: str) -> bytes:
+    """MinIO's notification for one uploaded object (its key URL-encoded, as MinIO sends it)."""
     from urllib.parse import quote_plus
 
-    name = "s3:ObjectRemoved:Delete" if removed else "s3:ObjectCreated:Put"
-    record = {
-        "eventVersion": "2.0",
-        "eventSource": "minio:s3",
-        "awsRegion": "",
-        "eventTime": "2026-11-26T06:00:00.000Z",
-        "eventName": name,
-        "userIdentity": {"principalId": "minioadmin"},
-        "requestParameters": {"principalId": "minioadmin", "region": "", "sourceIPAddress": "127.0.0.1"},
-        "responseElements": {
-            "x-amz-request-id": "17A3F0B2C4D5E6F7",
-            "x-minio-origin-endpoint": "http://minio:9000",
-        },
-        "s3": {
-            "s3SchemaVersion": "1.0",
-            "configurationId": "Config",
-            "bucket": {
-                "name": bucket,
-                "ownerIdentity": {"principalId": "minioadmin"},
-                "arn": f"arn:aws:s3:::{bucket}",
-            },
-            "object": {
-                "key": quote_plus(key, safe="/"),
-                "size": size,
-                "eTag": etag,
-                "contentType": "image/png",
-                "userMetadata": {"content-type": "image/png"},
-                "versionId": "",
-                "sequencer": sequencer,
-            },
-        },
-        "source": {"host": "127.0.0.1", "port": "", "userAgent": "MinIO (linux; amd64) minio-go/v7.0.70"},
-    }
-    return json.dumps({"EventName": name, "Key": f"{bucket}/{key}", "Records": [record]}).encode()
+    put = minio.put_record(
+        quote_plus(key, safe="/"), bucket=bucket, sequencer=sequencer, eTag=etag, size=size
+    )
+    return minio.notification(put, key=f"{bucket}/{key}")
 
 
 async def test_duplicated_and_replayed_minio_notifications_make_no_extra_version(
