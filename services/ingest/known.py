@@ -44,18 +44,12 @@ class KnownObject:
 class KnownObjects(LazyBucket):
     async def load(self) -> dict[str, KnownObject]:
         """Every known object, by S3 key."""
-        watcher = await (await self.kv()).watchall(ignore_deletes=True)
-        known: dict[str, KnownObject] = {}
-        try:
-            async for entry in watcher:
-                if entry is None:  # the end of the current values
-                    break
-                if entry.value and not entry.key.startswith(_ANNOUNCED):
-                    obj = KnownObject.from_json(entry.value)
-                    known[obj.key] = obj
-        finally:
-            await watcher.stop()
-        return known
+        known = [
+            KnownObject.from_json(raw)
+            for key, raw in (await self.current()).items()
+            if raw and not key.startswith(_ANNOUNCED)
+        ]
+        return {obj.key: obj for obj in known}
 
     async def get(self, s3_key: str) -> KnownObject | None:
         try:

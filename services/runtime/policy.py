@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 
 from contracts.kv import ModelPolicy, kv_key
 from services.runtime.kvstore import LazyBucket
@@ -20,12 +20,7 @@ class Policies(LazyBucket):
         return ModelPolicy.model_validate_json(entry.value or b"{}")
 
     async def all(self) -> list[ModelPolicy]:
-        kv = await self.kv()
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return []
-        return [await self.get(key) for key in keys]
+        return [ModelPolicy.model_validate_json(raw) for raw in (await self.current()).values() if raw]
 
     async def for_dataset(self, dataset: str) -> list[ModelPolicy]:
         """The models that train on ``dataset``: the one of the same name (unless its policy names another
