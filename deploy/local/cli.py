@@ -1,4 +1,6 @@
-"""The ``conveyor`` command: the embedded stack (up, down, status, demo) and the bus (events, dlq, policy)."""
+"""The ``conveyor`` command: the embedded stack (up, down, status, demo), the bus (events, dlq, policy) and
+each service's own commands (upload, datasets, train, lineage, models, promote, rollback, route, audit,
+canary-verdict)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,14 @@ from deploy.local.secrets import LocalSecrets
 from deploy.local.state import read_json, running_supervisor
 from deploy.local.status import collect_status
 from services.ingest.cli import datasets_command, upload_command
+from services.registry.cli import (
+    audit_command,
+    canary_verdict_command,
+    models_command,
+    promote_command,
+    rollback_command,
+    route_command,
+)
 from services.trainer.cli import lineage_command, train_command
 
 __all__ = ["app", "main"]
@@ -40,6 +50,12 @@ app.command("upload")(upload_command(bus_settings))
 app.command("datasets")(datasets_command(bus_settings))
 app.command("train")(train_command(bus_settings))
 app.command("lineage")(lineage_command(bus_settings))
+app.command("models")(models_command(bus_settings))
+app.command("promote")(promote_command(bus_settings))
+app.command("rollback")(rollback_command(bus_settings))
+app.command("route")(route_command(bus_settings))
+app.command("audit")(audit_command(bus_settings))
+app.command("canary-verdict")(canary_verdict_command(bus_settings))
 
 console = Console()
 err = Console(stderr=True)

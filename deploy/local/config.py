@@ -58,6 +58,7 @@ class StackSettings(Settings):
             "mlflow_url": f"http://{self.host}:{self.mlflow_port}",
             "triton_url": f"http://{self.host}:{self.triton_http_port}",
             "gateway_url": f"http://{self.host}:{self.gateway_port}",
+            "registry_url": f"http://{self.host}:{self.registry_port}",
         }
 
     def embedded(self) -> StackSettings:

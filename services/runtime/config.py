@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     mlflow_url: str = "http://127.0.0.1:15100"
     triton_url: str = "http://127.0.0.1:18100"
     gateway_url: str = "http://127.0.0.1:18180"
+    registry_url: str = Field("http://127.0.0.1:18193", description="the registry's admin API (the CLI's)")
     admin_token: SecretStr = SecretStr("conveyor-admin")
 
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint; unset: no export")

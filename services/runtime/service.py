@@ -7,6 +7,7 @@ Every service's ``app.py`` builds an ``EventBus``, registers its subscribers, an
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import uvicorn
 from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
@@ -29,8 +30,10 @@ def build_app(
     prepare: Sequence[Hook] = (),
     start: Sequence[Hook] = (),
     stop: Sequence[Hook] = (),
+    http: Any = None,
 ) -> AsgiFastStream:
-    """``/healthz`` (connected to NATS), ``/readyz`` (connected and the service's own check), ``/metrics``.
+    """``/healthz`` (connected to NATS), ``/readyz`` (connected and the service's own check), ``/metrics``;
+    ``http``, an ASGI app (the registry's admin API), answers every other HTTP path.
 
     Start-up: connect and create the streams, then the service's ``prepare`` hooks, then the consumers, then
     its ``start`` hooks (background loops). Shutdown: its ``stop`` hooks, then the consumers drain.
@@ -41,7 +44,8 @@ def build_app(
         ok = await bus.broker.ping(2.0) and (ready is None or await ready())
         return AsgiResponse(b"ready" if ok else b"not ready", 200 if ok else 503)
 
-    app = AsgiFastStream(
+    app = _ServiceApp(
+        http,
         bus.broker,
         asgi_routes=[
             ("/healthz", make_ping_asgi(bus.broker, timeout=2.0, include_in_schema=False)),
@@ -55,6 +59,21 @@ def build_app(
         after_shutdown=[bus.flush],
     )
     return app
+
+
+class _ServiceApp(AsgiFastStream):
+    """AsgiFastStream matches exact paths only; a service's own API takes the paths it does not know."""
+
+    def __init__(self, http: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.http = http
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.http is not None and scope["type"] == "http":
+            if all(scope["path"] != path for path, _ in self.routes):
+                await self.http(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def serve(app: AsgiFastStream, settings: Settings) -> None:
