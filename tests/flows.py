@@ -37,8 +37,9 @@ async def two_hops(settings_for: Callable[[str], Settings], processors: Sequence
         return EventBus(settings_for(service), span_processors=processors)
 
     registry, serving_bus = bus("registry"), bus("serving")
-    registry.consume(ModelTrained, registry_gate)
-    serving_bus.consume(ModelPromoted, serving)
+    # Durables of their own: in a running stack the real registry holds the registry's durable names.
+    registry.consume(ModelTrained, registry_gate, durable="two-hops-registry")
+    serving_bus.consume(ModelPromoted, serving, durable="two-hops-serving")
     async with registry, serving_bus, bus("trainer") as trainer:
         await trainer.publish(example_event(ModelTrained))
         await asyncio.wait_for(done.wait(), 10)

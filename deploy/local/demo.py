@@ -1,8 +1,8 @@
 """``conveyor demo`` (``make demo``): the loop as far as it exists, on scikit-learn's digits.
 
 Today: start the stack, render the digits (shipped inside scikit-learn, no download) to PNG files, upload
-them to the incoming bucket like a user would, show ingest turning them into a dataset version, and the
-trainer turning that into a registered model.
+them to the incoming bucket like a user would, show ingest turning them into a dataset version, the trainer
+turning that into a registered model, and the registry gating it into the first champion.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from contracts.envelope import Event, decode
-from contracts.events import DatasetVersioned, ModelTrained, ModelTrainingFailed
+from contracts.events import (
+    DatasetVersioned,
+    ModelPromoted,
+    ModelRejected,
+    ModelTrained,
+    ModelTrainingFailed,
+)
 from deploy.local.config import StackSettings
 from services.ingest.cli import s3_client, show_version, upload_dir
 from services.runtime.versions import read_versions
@@ -56,7 +62,8 @@ def write_digits(root: Path) -> Path:
 
 
 class Watcher:
-    """Collects this demo's events (dataset.versioned, model.trained, model.training_failed for digits)."""
+    """Collects this demo's events for digits: dataset.versioned, model.trained or .training_failed, and
+    model.promoted or .rejected."""
 
     def __init__(self, settings: StackSettings) -> None:
         self.settings = settings
@@ -65,7 +72,7 @@ class Watcher:
 
     async def start(self) -> None:
         self.nc = await nats.connect(**self.settings.admin_connect_kwargs())  # type: ignore[arg-type]
-        for cls in (DatasetVersioned, ModelTrained, ModelTrainingFailed):
+        for cls in (DatasetVersioned, ModelTrained, ModelTrainingFailed, ModelPromoted, ModelRejected):
             subject = self.settings.subjects.event(cls.type, DATASET)
             await self.nc.subscribe(subject, cb=functools.partial(self._got, cls))
         await self.nc.flush()
@@ -151,13 +158,40 @@ def _demo(
         console.print(
             f"   `conveyor lineage {trained.model}@{trained.version}` walks back to the uploaded files"
         )
+        _gated(console, loop, watcher, trained)
     else:
         console.print("   [red]no model after 10 minutes[/]: see .conveyor/logs/trainer.log")
     return _next(settings, console)
 
 
+def _gated(
+    console: Console, loop: asyncio.AbstractEventLoop, watcher: Watcher, trained: ModelTrained
+) -> None:
+    console.print("[bold]4. Gate[/] the candidate: thresholds, champion vs challenger, smoke load, latency")
+    with console.status("   waiting for model.promoted or model.rejected ..."):
+        decided = loop.run_until_complete(watcher.next((ModelPromoted, ModelRejected), 180))
+    ref = f"{trained.model}@{trained.version}"
+    if isinstance(decided, ModelRejected):
+        console.print(f"   [yellow]{ref} rejected[/]: {decided.reason}")
+    elif isinstance(decided, ModelPromoted):
+        console.print(
+            f"   {ref}: {decided.from_stage or 'candidate'} → [bold]{decided.to_stage}[/] ({decided.reason})"
+        )
+        for gate in decided.gate_report:
+            console.print(f"     [green]✓[/] {gate.name}: {gate.detail}")
+        if decided.to_stage == "champion":
+            console.print(
+                f"   {ref} is the first champion. `conveyor models {trained.model}` and "
+                f"`conveyor audit {trained.model}` show it"
+            )
+        else:
+            console.print(f"   a champion exists already: {ref} rolls out through staging and a canary")
+    else:
+        console.print("   [red]no decision after 3 minutes[/]: see .conveyor/logs/registry.log")
+
+
 def _next(settings: StackSettings, console: Console) -> None:
     console.print(
-        "\n[bold]Next[/]: `conveyor datasets`, `conveyor events tail`, MLflow at "
-        f"{settings.mlflow_url}. Promotion, serving and monitoring come with the next issues."
+        "\n[bold]Next[/]: `conveyor datasets`, `conveyor models`, `conveyor events tail`, MLflow at "
+        f"{settings.mlflow_url}. Serving and monitoring come with the next issues."
     )

@@ -29,7 +29,11 @@ class ServiceSpec:
 
 
 # Start order. Later issues add their service here, one line each.
-STACK_SERVICES: tuple[ServiceSpec, ...] = (ServiceSpec("ingest"), ServiceSpec("trainer"))
+STACK_SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec("ingest"),
+    ServiceSpec("trainer"),
+    ServiceSpec("registry"),
+)
 
 
 def threads_per_service(n_services: int) -> int:

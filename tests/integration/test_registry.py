@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 from contracts.audit import AuditEntry
 from contracts.envelope import Event, encode
@@ -372,3 +376,52 @@ async def test_two_registries_racing_on_one_model_make_one_transition(world):
     [(seq, entry)] = await w.audit(bus)
     assert entry.to_stage == "champion" and results[0][0].transition == seq  # type: ignore[attr-defined]
     assert w.aliases() == {"champion": 1}
+
+
+async def test_the_cli_reads_and_changes_the_registry_over_http(world, tmp_path):
+    """`conveyor models`, `audit`, `promote` and `rollback` as a user runs them, against the served API."""
+    w, bus = world
+    app, _ = build(w.settings)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app.http, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[attr-defined]
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("CONVEYOR_")} | {
+        "CONVEYOR_STATE_DIR": str(tmp_path / "cli"),
+        "CONVEYOR_REGISTRY_URL": f"http://127.0.0.1:{port}",
+        "CONVEYOR_ADMIN_TOKEN": TOKEN,
+        "COLUMNS": "200",
+    }
+
+    def conveyor(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "deploy.local.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    async with app:
+        serving = asyncio.create_task(server.serve())
+        try:
+            await champion_v1(w, bus)
+            shown = await asyncio.to_thread(conveyor, "models", w.model, "--json")
+            assert shown.returncode == 0, shown.stderr
+            assert json.loads(shown.stdout)["aliases"] == {"champion": 1}
+            table = await asyncio.to_thread(conveyor, "models", w.model)
+            assert "champion" in table.stdout and "active @1" in table.stdout, table.stdout
+            audit = await asyncio.to_thread(conveyor, "audit", w.model)
+            assert audit.returncode == 0 and "registry" in audit.stdout and "gates passed" in audit.stdout
+            refused = await asyncio.to_thread(conveyor, "rollback", w.model, "--reason", "test")
+            assert refused.returncode == 1 and "no_previous_champion" in refused.stderr, refused.stderr
+            shadow = await asyncio.to_thread(
+                conveyor, "promote", f"{w.model}@1", "--to", "shadow", "--reason", "mirror"
+            )
+            assert shadow.returncode == 1 and "champion_not_allowed" in shadow.stderr, shadow.stderr
+            env["CONVEYOR_ADMIN_TOKEN"] = "wrong"
+            denied = await asyncio.to_thread(conveyor, "models")
+            assert denied.returncode == 1 and "unauthorized" in denied.stderr
+        finally:
+            server.should_exit = True
+            await serving
