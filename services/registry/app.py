@@ -7,7 +7,6 @@ serves the admin API beside ``/healthz``, ``/readyz`` and ``/metrics``.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -27,7 +26,7 @@ from services.registry.rollout import RolloutStore
 from services.registry.stages import IllegalTransition
 from services.registry.store import ModelStore
 from services.runtime.bus import EventBus
-from services.runtime.consumer import Delivery
+from services.runtime.consumer import Delivery, kept_alive
 from services.runtime.datasets import S3Remote
 from services.runtime.errors import PermanentError
 from services.runtime.policy import Policies
@@ -77,17 +76,10 @@ class RegistryService:
 
         async def handle(event: E, delivery: Delivery) -> list[Event]:
             cause = delivery.envelope.id if delivery.envelope else f"seq-{delivery.stream_seq}"
-            work = asyncio.ensure_future(use_case(event, cause))
             try:
-                while not work.done():
-                    done, _ = await asyncio.wait({work}, timeout=keepalive)
-                    if not done:
-                        await delivery.in_progress()
-                return work.result()
+                return await kept_alive(use_case(event, cause), delivery, keepalive)
             except IllegalTransition as exc:
                 raise PermanentError(str(exc)) from exc
-            finally:
-                work.cancel()
 
         return handle
 

@@ -24,22 +24,21 @@ N x C x H x W, already preprocessed) and returning ``(logits N x K, embedding N 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import statistics
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from contracts.events import ArtifactRef, ClassMetrics, TrainMetrics
+from contracts.events import ClassMetrics, TrainMetrics
 from services.registry.gates import SmokeResult
+from services.runtime.artifacts import MODEL_DIR, ArtifactClient, ArtifactMismatch, download_model_dir
 from services.runtime.preprocessing import ImageInput, PreprocessSpec, preprocess_batch
 from services.trainer.training import metrics_from_predictions
 
@@ -62,24 +61,12 @@ __all__ = [
     "split_files",
 ]
 
-MODEL_DIR = "model"
-"""The folder of a run's artifacts that holds the exported model (the trainer's ``MODEL_DIR``)."""
 SPEC_FILE = "serving_spec.json"
 SMOKE_BATCH = 2
 
 
 class ModelLoadError(ValueError):
     """The model folder cannot be used: a missing or invalid serving spec, or a model.pt torch cannot load."""
-
-
-class ArtifactMismatch(ValueError):
-    """Downloaded model files are missing or differ from the sha256 the trainer published."""
-
-
-class ArtifactClient(Protocol):
-    """What ``download_model_dir`` needs of an ``mlflow.MlflowClient``."""
-
-    def download_artifacts(self, run_id: str, path: str, dst_path: str | None = None) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -359,50 +346,3 @@ def evaluate_on(
         test_macro_f1=m["macro_f1"],
         per_class={label: ClassMetrics(**values) for label, values in m["per_class"].items()},
     )
-
-
-# ---- download ---------------------------------------------------------------------------------------------
-
-
-def download_model_dir(
-    mlflow_client: ArtifactClient,
-    run_id: str,
-    dest: Path,
-    expected: Mapping[str, str | ArtifactRef],
-) -> Path:
-    """Download the run's ``model/`` folder into ``dest`` and return it (``dest/model``).
-
-    ``expected`` maps file names in that folder (the keys of ``model.trained``'s ``artifacts``) to their
-    sha256 (or the ``ArtifactRef``). Every one must be there with that hash, else ``ArtifactMismatch`` lists
-    each missing or differing file, and the downloaded folder is deleted so nothing unverified stays behind.
-    Files not named in ``expected`` (such as ``sha256.json``) are not checked. A ``dest/model`` left from an
-    earlier call is replaced.
-    """
-    if not expected:
-        raise ValueError("no sha256 to verify the model's files against")
-    wanted = {name: ref.sha256 if isinstance(ref, ArtifactRef) else ref for name, ref in expected.items()}
-    for name in wanted:
-        parts = Path(name).parts
-        if not parts or Path(name).is_absolute() or ".." in parts:
-            raise ValueError(f"artifact name {name!r} is not a path inside the model folder")
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(dest / MODEL_DIR, ignore_errors=True)
-    local = Path(mlflow_client.download_artifacts(run_id, MODEL_DIR, str(dest)))
-    problems = []
-    for name, sha in sorted(wanted.items()):
-        path = local / name
-        if not path.is_file():
-            problems.append(f"{name}: missing")
-            continue
-        with path.open("rb") as handle:
-            actual = hashlib.file_digest(handle, "sha256").hexdigest()
-        if actual != sha.lower():
-            problems.append(f"{name}: sha256 {actual}, expected {sha}")
-    if problems:
-        shutil.rmtree(local, ignore_errors=True)
-        raise ArtifactMismatch(
-            f"the model/ artifacts of run {run_id} do not match what the trainer published "
-            f"({len(problems)} file(s)): " + "; ".join(problems)
-        )
-    return local

@@ -17,11 +17,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from nats.js.errors import KeyNotFoundError
-
 from contracts.kv import RolloutState, kv_key
 from services.registry.stages import IllegalTransition, Tags, Transition
-from services.runtime.kvstore import LazyBucket
+from services.runtime.rollouts import Rollouts
 
 __all__ = ["RolloutStore", "after_change", "manual_route", "revised", "step_weight"]
 
@@ -121,16 +119,8 @@ def manual_route(
     return revised(state, actor, reason, shadow_version=version)
 
 
-class RolloutStore(LazyBucket):
-    async def get(self, model: str) -> RolloutState:
-        """The model's rollout state; an empty one (nothing routed) when none was written."""
-        try:
-            entry = await (await self.kv()).get(kv_key(model))
-        except KeyNotFoundError:
-            return RolloutState(model=model)
-        if not entry.value:
-            return RolloutState(model=model)
-        return RolloutState.model_validate_json(entry.value)
+class RolloutStore(Rollouts):
+    """The registry's side of the bucket: it alone writes."""
 
     async def put(self, state: RolloutState) -> None:
         await (await self.kv()).put(kv_key(state.model), state.model_dump_json().encode())

@@ -17,7 +17,8 @@ Version tags the registry writes:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -123,7 +124,7 @@ class ModelStore:
         Every write is idempotent, so a change re-applied after a crash ends in the same state.
         """
         for stage, version in change.set_aliases.items():
-            self.client.set_registered_model_alias(model, stage, str(version))
+            _upsert(self.client.set_registered_model_alias, model, stage, str(version))
         for stage in change.remove_aliases:
             try:
                 self.client.delete_registered_model_alias(model, stage)
@@ -133,7 +134,7 @@ class ModelStore:
         why = f"{entry.time.isoformat()} by {entry.actor}: {entry.reason}"
         for version, tags in change.add_tags.items():
             for tag in tags:
-                self.client.set_model_version_tag(model, str(version), tag, why[:_TAG_LIMIT])
+                self._set_tag(model, version, tag, why)
         for version, tags in change.remove_tags.items():
             for tag in tags:
                 self._delete_tag(model, version, tag)
@@ -144,17 +145,15 @@ class ModelStore:
         """The audit entry as a tag of its version (the gate report is left to ``conveyor.gates``)."""
         assert entry.version is not None
         doc = entry.model_dump(mode="json", exclude={"gate_report", "model", "version"}, exclude_none=True)
-        self.client.set_model_version_tag(
-            entry.model, str(entry.version), f"{AUDIT_TAG}{seq}", json.dumps(doc)[:_TAG_LIMIT]
-        )
+        self._set_tag(entry.model, entry.version, f"{AUDIT_TAG}{seq}", json.dumps(doc))
 
     def record_gates(
         self, model: str, version: int, report: Iterable[GateResult], passed: bool, artifacts: dict[str, str]
     ) -> None:
         results = [r.model_dump(mode="json", exclude_none=True) for r in report]
-        self.client.set_model_version_tag(model, str(version), GATES_TAG, json.dumps(results)[:_TAG_LIMIT])
-        self.client.set_model_version_tag(model, str(version), GATES_PASSED_TAG, str(passed).lower())
-        self.client.set_model_version_tag(model, str(version), ARTIFACTS_TAG, json.dumps(artifacts))
+        self._set_tag(model, version, GATES_TAG, json.dumps(results))
+        self._set_tag(model, version, GATES_PASSED_TAG, str(passed).lower())
+        self._set_tag(model, version, ARTIFACTS_TAG, json.dumps(artifacts))
 
     def artifacts(self, model: str, info: VersionInfo) -> dict[str, ArtifactRef]:
         """The version's files as ``model.trained`` announced them (from ``sha256.json`` if never gated)."""
@@ -186,9 +185,29 @@ class ModelStore:
     def run_tags(self, info: VersionInfo) -> dict[str, str]:
         return dict(self.client.get_run(info.run_id).data.tags)
 
+    def _set_tag(self, model: str, version: int, key: str, value: str) -> None:
+        _upsert(self.client.set_model_version_tag, model, str(version), key, value[:_TAG_LIMIT])
+
     def _delete_tag(self, model: str, version: int, tag: str) -> None:
         try:
             self.client.delete_model_version_tag(model, str(version), tag)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
+
+
+def _upsert(write: Callable[..., None], *args: str) -> None:
+    """An MLflow write that another registry replica may make at the same moment: MLflow's upsert of a tag
+    or alias is a read then an insert, so the second writer can hit the unique key; the value is then
+    there, and writing it again updates it."""
+    for attempt in range(3):
+        try:
+            write(*args)
+            return
+        except MlflowException as exc:
+            racing = (
+                "UNIQUE constraint" in str(exc) or "duplicate key" in str(exc) or "IntegrityError" in str(exc)
+            )
+            if not racing or attempt == 2:
+                raise
+            time.sleep(0.05 * (attempt + 1))

@@ -9,6 +9,7 @@ before the handler runs again.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,7 +27,7 @@ from services.runtime.telemetry import current_event_id, get_logger
 if TYPE_CHECKING:
     from services.runtime.bus import EventBus
 
-__all__ = ["Consumer", "Decoder", "Delivery", "Handler", "event_decoder"]
+__all__ = ["Consumer", "Decoder", "Delivery", "Handler", "event_decoder", "kept_alive"]
 
 E = TypeVar("E", bound=Event)
 T = TypeVar("T")
@@ -45,6 +46,20 @@ class Delivery:
     async def in_progress(self) -> None:
         """Tell JetStream the work goes on, so a long handler's message is not redelivered meanwhile."""
         await self.message.in_progress()
+
+
+async def kept_alive(work: Awaitable[T], delivery: Delivery, every_s: float) -> T:
+    """Await ``work``, telling JetStream every ``every_s`` that it goes on, so a long handler (a training, a
+    gate, a Triton load) does not get its message redelivered meanwhile."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=every_s)
+            if done:
+                return task.result()
+            await delivery.in_progress()
+    finally:
+        task.cancel()
 
 
 HandlerResult = Event | Sequence[Event] | None

@@ -1,0 +1,277 @@
+"""Serving's repository manager against the real tritonserver, MLflow and nats-server: a promoted version is
+downloaded, verified, written into the model repository, loaded, smoke-tested and announced; a bad one is
+refused while the version that served keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from contracts.envelope import Event
+from contracts.events import (
+    ArtifactRef,
+    DatasetRef,
+    ModelDeployed,
+    ModelDeployFailed,
+    ModelPromoted,
+    ModelRolledBack,
+    ModelTrained,
+)
+from contracts.kv import Hyperparameters, ModelPolicy, RolloutPlan, RolloutState
+from deploy.local.natsconf import ADMIN_USER
+from services.ingest.datarepo import DataRepo
+from services.runtime.bus import EventBus
+from services.runtime.config import Settings
+from services.runtime.consumer import Delivery
+from services.runtime.datasets import S3Remote
+from services.serving.app import build
+from services.serving.config import ServingSettings
+from services.trainer.pipeline import Pipeline, TrainJob
+from services.trainer.tracking import MlflowTracker
+from tests import images
+from tests.flows import commit_version
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, s3_server: Any, mlflow_server: Any
+) -> tuple[ModelTrained, Path]:
+    """One digits model trained by the trainer's own pipeline, and its downloaded model/ folder."""
+    tmp = tmp_path_factory.mktemp("serving-data")
+    repo = DataRepo(
+        tmp / "repo",
+        (tmp / "data.git").as_uri(),
+        "s3://dvc/serving-tests",
+        s3_server.endpoint,
+        s3_server.access_key,
+        s3_server.secret_key,
+    )
+    repo.ensure()
+    versioned = commit_version(repo, images.digits_images(), 1)
+    tracker = MlflowTracker(mlflow_server.url)
+    remote = S3Remote(s3_server.endpoint, s3_server.access_key, s3_server.secret_key)
+    job = TrainJob(
+        model="digits-serving",
+        dataset=DatasetRef(name="digits", version=1, git_rev=versioned.git_rev, dvc_md5=versioned.dvc_md5),
+        repo_url=versioned.repo_url,
+        policy=ModelPolicy(
+            model="digits-serving", hyperparameters=Hyperparameters(epochs=4, early_stopping_patience=0)
+        ),
+        cause_id="serving-tests",
+    )
+    event = Pipeline(tracker, remote, tmp / "cache").run(job)
+    local = Path(tracker.client.download_artifacts(event.run_id, "model", str(tmp / "download")))
+    return event, local
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float = 120) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out; seen {self.events}")
+            await asyncio.sleep(0.05)
+
+    def of(self, cls: type[Event]) -> list[Any]:
+        return [e for e in self.events if isinstance(e, cls)]
+
+
+@pytest.fixture
+async def world(
+    nats_server: Any, mlflow_server: Any, triton_server: Any, prefix: str, tmp_path: Path
+) -> AsyncIterator[tuple[ServingSettings, EventBus, Seen]]:
+    common: dict[str, Any] = {
+        "subject_prefix": prefix,
+        "nats_url": nats_server.url,
+        "mlflow_url": mlflow_server.url,
+        "triton_url": triton_server.url,
+        "state_dir": tmp_path / "state",
+        "retry_base_delay_s": 0.1,
+    }
+    settings = ServingSettings(
+        **common,
+        nats_user="serving",
+        nats_password=nats_server.passwords["serving"],
+        serving_model_repository=triton_server.model_repository,
+        serving_gpu="false",
+    )
+    admin = Settings(
+        **common, service="tests", nats_user=ADMIN_USER, nats_password=nats_server.passwords[ADMIN_USER]
+    )
+    seen = Seen()
+
+    async def collect(event: Event, _: Delivery) -> None:
+        seen.events.append(event)
+
+    bus = EventBus(admin)
+    bus.consume(ModelDeployed, collect, durable="tests-deployed")
+    bus.consume(ModelDeployFailed, collect, durable="tests-deploy-failed")
+    async with bus:
+        yield settings, bus, seen
+
+
+TRANSITIONS = iter(range(1, 1_000_000))  # the audit sequence the registry would give each transition
+
+
+def promoted(
+    model: str, version: int, artifacts: dict[str, ArtifactRef], to: str = "champion"
+) -> ModelPromoted:
+    return ModelPromoted(
+        model=model,
+        version=version,
+        from_stage="candidate",
+        to_stage=to,
+        transition=next(TRANSITIONS),
+        reason="test",
+        actor="registry",
+        artifacts=artifacts,
+        rollout_plan=RolloutPlan(),
+    )
+
+
+async def route(bus: EventBus, state: RolloutState) -> None:
+    kv = await bus.js.key_value(bus.subjects.kv.rollout)
+    await kv.put(state.model, state.model_dump_json().encode())
+
+
+def infer(triton_url: str, model: str, version: int, batch: np.ndarray) -> np.ndarray:
+    body = {
+        "inputs": [
+            {"name": "image", "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}
+        ]
+    }
+    r = httpx.post(f"{triton_url}/v2/models/{model}/versions/{version}/infer", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}["logits"]
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+async def test_a_promoted_version_serves_what_the_torchscript_computes(world, trained, triton_server, prefix):
+    settings, bus, seen = world
+    event, local = trained
+    model = f"m-{prefix}"
+    app, _ = build(settings)
+    async with app:
+        await route(bus, RolloutState(model=model, active_version=1))
+        await bus.publish(promoted(model, 1, event.artifacts))
+        await seen.wait(lambda: bool(seen.events))
+    [deployed] = seen.events
+    assert isinstance(deployed, ModelDeployed), deployed
+    assert (deployed.version, deployed.stage, deployed.loaded_versions) == (1, "champion", [1])
+    assert deployed.backend == "python" and deployed.smoke_latency_ms is not None
+    folder = triton_server.model_repository / model / "1"
+    for name, ref in event.artifacts.items():  # what was written is what the trainer published
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == ref.sha256
+    assert "version_policy: { specific: { versions: [1] } }" in (folder.parent / "config.pbtxt").read_text()
+
+    import torch
+
+    from services.runtime.preprocessing import PreprocessSpec, preprocess_batch
+
+    spec = json.loads((local / "serving_spec.json").read_text())
+    batch = preprocess_batch(
+        [data for _, _, data in images.digits_images(40)], PreprocessSpec.from_dict(spec["preprocessing"])
+    )
+    module = torch.jit.load(str(local / "model.pt"))
+    with torch.no_grad():
+        expected = module(torch.from_numpy(batch))[0].numpy()
+    served = await asyncio.to_thread(infer, triton_server.url, model, 1, batch)
+    np.testing.assert_allclose(served, expected, atol=1e-4)  # the same TorchScript on the same CPU
+    assert (served.argmax(1) == expected.argmax(1)).all()
+
+
+async def test_a_version_that_fails_is_refused_and_the_old_one_keeps_serving(
+    world, trained, triton_server, mlflow_server, prefix, tmp_path
+):
+    settings, bus, seen = world
+    event, local = trained
+    model = f"m-{prefix}"
+    # Version 2: files whose hashes match what is announced, but whose model.pt is not a TorchScript.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in local.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "model.pt").write_bytes(b"not a torchscript archive")
+    tracker = MlflowTracker(mlflow_server.url)
+    run_id = tracker.start(model, "broken", {}, {})
+    base = tracker.log_artifacts(run_id, broken)
+    tracker.finish(run_id)
+    bad = {
+        p.name: ArtifactRef(uri=f"{base}/{p.name}", sha256=hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in broken.iterdir()
+        if p.name != "sha256.json"
+    }
+    tampered = dict(event.artifacts)
+    tampered["model.pt"] = ArtifactRef(uri=event.artifacts["model.pt"].uri, sha256="0" * 64)
+    app, _ = build(settings)
+    async with app:
+        await route(bus, RolloutState(model=model, active_version=1))
+        await bus.publish(promoted(model, 1, event.artifacts))
+        await seen.wait(lambda: len(seen.events) == 1)
+        await route(bus, RolloutState(model=model, active_version=1, canary_version=2, canary_weight=10))
+        await bus.publish(promoted(model, 2, bad, to="canary"))
+        await seen.wait(lambda: len(seen.events) == 2)
+        await bus.publish(promoted(model, 3, tampered, to="staging"))
+        await seen.wait(lambda: len(seen.events) == 3)
+        ready = await asyncio.to_thread(
+            httpx.get, f"{triton_server.url}/v2/models/{model}/versions/1/ready", timeout=10
+        )
+    [failed, tampered_failed] = seen.of(ModelDeployFailed)
+    assert (failed.version, failed.stage, failed.serving_versions) == (2, "canary", [1])
+    assert failed.reason_code == "load_failed", failed.reason
+    assert (tampered_failed.version, tampered_failed.reason_code) == (3, "hash_mismatch")
+    assert "model.pt: sha256" in tampered_failed.reason
+    assert not (triton_server.model_repository / model / "3").exists()  # nothing unverified is written
+    assert ready.status_code == 200  # version 1 served throughout
+    assert "versions: [1]" in (triton_server.model_repository / model / "config.pbtxt").read_text()
+
+
+async def test_new_versions_load_beside_the_routed_ones_and_a_rollback_reloads_from_disk(
+    world, trained, triton_server, prefix
+):
+    settings, bus, seen = world
+    event, _ = trained
+    model = f"m-{prefix}"
+    app, _ = build(settings)
+    async with app:
+        await route(bus, RolloutState(model=model, active_version=1))
+        await bus.publish(promoted(model, 1, event.artifacts))
+        await seen.wait(lambda: len(seen.events) == 1)
+        await bus.publish(promoted(model, 2, event.artifacts, to="staging"))
+        await seen.wait(lambda: len(seen.events) == 2)
+        await route(bus, RolloutState(model=model, active_version=2))  # the registry made 2 champion
+        await bus.publish(promoted(model, 2, event.artifacts))
+        await seen.wait(lambda: len(seen.events) == 3)
+        await route(bus, RolloutState(model=model, active_version=1))  # ... and rolled back
+        await bus.publish(
+            ModelRolledBack(
+                model=model,
+                stage="champion",
+                from_version=2,
+                to_version=1,
+                transition=next(TRANSITIONS),
+                reason="t",
+                actor="x",
+            )
+        )
+        await seen.wait(lambda: len(seen.events) == 4)
+    loaded = [(e.version, e.stage, e.loaded_versions) for e in seen.of(ModelDeployed)]
+    assert loaded == [
+        (1, "champion", [1]),
+        (2, "staging", [1, 2]),
+        (2, "champion", [2]),
+        (1, "champion", [1]),
+    ]
