@@ -1,0 +1,463 @@
+"""The inference gateway: FastAPI in front of Triton, routing each request by the model's rollout state.
+
+Imports no torch: images are decoded and preprocessed by ``services/runtime/preprocessing.py`` (numpy and
+Pillow, exactly as in training), then sent to Triton over pooled gRPC channels.
+
+==============================================  =============================================================
+``POST /v1/models/{model}/predict``             multipart files, raw image bytes (``image/*`` or
+                                                ``application/octet-stream``), or JSON ``{"image": b64}`` /
+                                                ``{"images": [b64, ...]}``; ``X-Request-Key`` makes canary
+                                                routing sticky; answers ids, labels, probabilities,
+                                                version and route
+``GET  /v1/models``                             the routed models and their rollout state
+``GET  /healthz``, ``/readyz``, ``/metrics``    live; ready when every routed version is ready in Triton
+==============================================  =============================================================
+
+Errors: 401 (API key), 404 (unknown model), 413 (body too large), 415 (not an image type), 422 (an image that
+cannot be decoded, with the reason), 503 with Retry-After (no deployed version, Triton down), 504 (timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import itertools
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.datastructures import UploadFile
+
+from contracts.events import ImageStats, InferenceSample, ShadowResult
+from contracts.kv import RolloutState
+from contracts.names import validate_name
+from services.runtime.bus import EventBus
+from services.runtime.inference_log import InferenceLogger
+from services.runtime.preprocessing import (
+    ImageDecodeError,
+    UnsupportedImageFormat,
+    image_stats,
+    prepare,
+    preprocess_batch,
+)
+from services.runtime.telemetry import get_logger
+from services.serving.gateway.catalog import Catalog, ServedSpec
+from services.serving.gateway.config import GatewaySettings
+from services.serving.gateway.routing import Route, choose, mirror
+
+__all__ = ["Gateway", "create_app"]
+
+RETRY_AFTER_S = "2"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str, retry_after: str | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.retry_after = status, error, detail, retry_after
+
+
+@dataclass
+class Answer:
+    version: int
+    route: Route
+    logits: np.ndarray
+    embedding: np.ndarray | None
+    latency_ms: float
+
+
+class Gateway:
+    """One worker's state: the catalog, the Triton channels, the inference log and the shadow queue."""
+
+    def __init__(self, settings: GatewaySettings, bus: EventBus | None = None) -> None:
+        import tritonclient.grpc.aio as grpcclient
+
+        self.settings = settings
+        self.bus = bus or EventBus(settings.model_copy(update={"service": "gateway"}))
+        self.catalog = Catalog(lambda: self.bus.js, settings.subjects.kv.rollout, settings.model_repository)
+        self.grpc = grpcclient
+        self._clients = [
+            grpcclient.InferenceServerClient(settings.triton_grpc_url)
+            for _ in range(settings.gateway_grpc_channels)
+        ]
+        self._next = itertools.cycle(self._clients)
+        self.inference_log = InferenceLogger(self.bus, sample_rate=settings.gateway_inference_sample_rate)
+        self.shadow_queue: asyncio.Queue[tuple[str, np.ndarray, Answer, list[InferenceSample]]] = (
+            asyncio.Queue(settings.gateway_shadow_queue)
+        )
+        self._shadow_tasks: list[asyncio.Task[None]] = []
+        self.log = get_logger(component="gateway")
+        self.metrics = CollectorRegistry()
+        self.requests = Counter(
+            "conveyor_gateway_requests",
+            "Predict requests by model, version, route and status code",
+            ["model", "version", "route", "status"],
+            registry=self.metrics,
+        )
+        self.latency = Histogram(
+            "conveyor_gateway_request_seconds",
+            "Predict request time",
+            ["model"],
+            registry=self.metrics,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+        self.shadow_dropped = Counter(
+            "conveyor_gateway_shadow_dropped",
+            "Mirrored requests dropped: the shadow queue was full",
+            ["model"],
+            registry=self.metrics,
+        )
+        self.shadow_compared = Counter(
+            "conveyor_gateway_shadow_compared",
+            "Mirrored requests answered by the shadow, by agreement with the answer returned",
+            ["model", "agrees"],
+            registry=self.metrics,
+        )
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.bus.broker.connect()
+        await self.catalog.start()
+        await self.inference_log.start()
+        self._shadow_tasks = [asyncio.create_task(self._shadow_worker()) for _ in range(2)]
+
+    async def stop(self) -> None:
+        for task in self._shadow_tasks:
+            task.cancel()
+        await self.catalog.stop()
+        await self.inference_log.stop()
+        for client in self._clients:
+            await client.close()
+        await self.bus.broker.stop()
+
+    # ---- predict -----------------------------------------------------------------------------------------
+
+    async def predict(self, model: str, images: list[bytes], key: str | None) -> dict[str, Any]:
+        state = self._state(model)
+        chosen = choose(state, key)
+        if chosen is None:
+            raise ApiError(503, "not_deployed", f"model {model!r} has no version to serve yet", RETRY_AFTER_S)
+        version, route = chosen
+        spec = self._spec(model, version)
+        try:
+            batch = await asyncio.to_thread(preprocess_batch, images, spec.preprocessing)
+        except UnsupportedImageFormat as exc:
+            raise ApiError(415, "unsupported_image", str(exc)) from exc
+        except ImageDecodeError as exc:
+            raise ApiError(422, "undecodable_image", str(exc)) from exc
+        answer = await self._infer(model, version, route, spec, batch)
+        probabilities = _softmax(answer.logits)
+        ids = [uuid.uuid4().hex for _ in images]
+        top = probabilities.argmax(axis=1)
+        predictions = [
+            {
+                "prediction_id": ids[i],
+                "label": spec.labels[int(top[i])],
+                "confidence": round(float(probabilities[i, top[i]]), 6),
+                "probabilities": {
+                    label: round(float(p), 6) for label, p in zip(spec.labels, probabilities[i], strict=False)
+                },
+            }
+            for i in range(len(images))
+        ]
+        samples = self._samples(images, spec, answer, predictions, ids)
+        if mirror(state, version) is not None:
+            try:
+                self.shadow_queue.put_nowait((model, batch, answer, samples))
+            except asyncio.QueueFull:
+                self.shadow_dropped.labels(model).inc()
+                self._log(model, samples)
+        else:
+            self._log(model, samples)
+        self.requests.labels(model, str(version), route, "200").inc()
+        return {"model": model, "version": version, "route": route, "predictions": predictions}
+
+    def _state(self, model: str) -> RolloutState:
+        try:
+            validate_name(model)
+        except ValueError as exc:
+            raise ApiError(404, "unknown_model", f"no model {model!r}: {exc}") from exc
+        state = self.catalog.state(model)
+        if state is None and not self.catalog.known(model):
+            raise ApiError(
+                404, "unknown_model", f"no model named {model!r} is deployed (GET /v1/models lists them)"
+            )
+        if state is None:
+            raise ApiError(503, "not_deployed", f"model {model!r} has no routed version yet", RETRY_AFTER_S)
+        return state
+
+    def _spec(self, model: str, version: int) -> ServedSpec:
+        try:
+            return self.catalog.spec(model, version)
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            raise ApiError(
+                503, "not_deployed", f"{model} version {version} is not deployed here yet", RETRY_AFTER_S
+            ) from exc
+
+    async def _infer(
+        self, model: str, version: int, route: Route, spec: ServedSpec, batch: np.ndarray
+    ) -> Answer:
+        g = self.grpc
+        inputs = [g.InferInput(spec.input, list(batch.shape), "FP32")]
+        inputs[0].set_data_from_numpy(batch)
+        outputs = [g.InferRequestedOutput("logits"), g.InferRequestedOutput("embedding")]
+        started = time.perf_counter()
+        try:
+            result = await next(self._next).infer(
+                model,
+                inputs,
+                model_version=str(version),
+                outputs=outputs,
+                client_timeout=self.settings.gateway_request_timeout_s,
+            )
+        except Exception as exc:  # InferenceServerException: Triton down, version unloaded, timeout
+            self.requests.labels(model, str(version), route, "503").inc()
+            raise ApiError(
+                503,
+                "triton_unavailable",
+                f"Triton could not answer for {model} version {version}: {exc}",
+                RETRY_AFTER_S,
+            ) from exc
+        latency = (time.perf_counter() - started) * 1000
+        return Answer(version, route, result.as_numpy("logits"), result.as_numpy("embedding"), latency)
+
+    # ---- shadow and logging ------------------------------------------------------------------------------
+
+    async def _shadow_worker(self) -> None:
+        while True:
+            model, batch, answer, samples = await self.shadow_queue.get()
+            try:
+                await self._shadow_one(model, batch, answer, samples)
+            except Exception as exc:  # a mirror never fails anything but itself
+                self.log.warning("shadow request failed", model=model, error=repr(exc))
+                self._log(model, samples)
+
+    async def _shadow_one(
+        self, model: str, batch: np.ndarray, answer: Answer, samples: list[InferenceSample]
+    ) -> None:
+        state = self.catalog.state(model)
+        shadow = mirror(state, answer.version) if state else None
+        if shadow is None:
+            self._log(model, samples)
+            return
+        spec = self.catalog.spec(model, shadow)
+        result = await self._infer(model, shadow, "active", spec, batch)
+        theirs = _softmax(result.logits)
+        ours = answer.logits.argmax(axis=1)
+        for i, label_index in enumerate(theirs.argmax(axis=1)):
+            agrees = int(label_index) == int(ours[i])
+            self.shadow_compared.labels(model, str(agrees).lower()).inc()
+            if i < len(samples):  # samples exist only for a sampled request
+                compared = ShadowResult.model_construct(
+                    version=shadow,
+                    label=spec.labels[int(label_index)],
+                    confidence=float(theirs[i, label_index]),
+                    agrees=agrees,
+                    latency_ms=result.latency_ms,
+                )
+                samples[i] = samples[i].model_copy(update={"shadow": compared})
+        self._log(model, samples)
+
+    def _samples(
+        self,
+        images: list[bytes],
+        spec: ServedSpec,
+        answer: Answer,
+        predictions: list[dict[str, Any]],
+        ids: list[str],
+    ) -> list[InferenceSample]:
+        if not self.inference_log.sampled():
+            return []
+        now = datetime.now(UTC)
+        samples = []
+        for i, image in enumerate(images):
+            try:
+                st = image_stats(prepare(image, spec.preprocessing))
+                stats = ImageStats.model_construct(
+                    mean=st["mean"], std=st["std"], contrast=st["contrast"], sharpness=st["sharpness"]
+                )
+            except ImageDecodeError:
+                stats = None
+            samples.append(
+                InferenceSample.model_construct(
+                    prediction_id=ids[i],
+                    time=now,
+                    version=answer.version,
+                    route=answer.route,
+                    latency_ms=answer.latency_ms,
+                    ok=True,
+                    error=None,
+                    label=predictions[i]["label"],
+                    confidence=predictions[i]["confidence"],
+                    image_stats=stats,
+                    embedding=answer.embedding[i].tolist() if answer.embedding is not None else None,
+                    shadow=None,
+                )
+            )
+        return samples
+
+    def _log(self, model: str, samples: list[InferenceSample]) -> None:
+        for sample in samples:
+            self.inference_log.log(model, sample)
+
+    async def ready(self) -> bool:
+        """Every version a route needs answers ready in Triton (model readiness: server readiness flickers
+        while a model unloads)."""
+        try:
+            client = self._clients[0]
+            for model, state in list(self.catalog.states.items()):
+                for version in {state.active_version, state.canary_version} - {None}:
+                    if not await client.is_model_ready(model, str(version)):
+                        return False
+        except Exception:
+            return False
+        return True
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted, dtype=np.float64)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+# ---- HTTP ------------------------------------------------------------------------------------------------
+
+
+async def read_images(request: Request, limit: int, max_images: int) -> list[bytes]:
+    """The images of a predict request, whatever the encoding; ``ApiError`` for a body that is not one."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "too_large", f"the body is {int(declared):,} bytes, over the limit of {limit:,}")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        form = await request.form(max_files=max_images, max_part_size=limit)
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        images = [await f.read() for f in files]
+        if sum(map(len, images)) > limit:
+            raise ApiError(413, "too_large", f"the files add up to more than {limit:,} bytes")
+    else:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, "too_large", f"the body is over the limit of {limit:,} bytes")
+        if kind.startswith("image/") or kind == "application/octet-stream":
+            images = [bytes(body)]
+        elif kind == "application/json":
+            images = _json_images(bytes(body))
+        else:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"content type {kind or 'none'!r}: send multipart/form-data files, image/* or "
+                'application/octet-stream bytes, or JSON {"image": base64} / {"images": [base64, ...]}',
+            )
+    if not images:
+        raise ApiError(422, "no_image", "the request holds no image")
+    if len(images) > max_images:
+        raise ApiError(
+            413, "too_many_images", f"{len(images)} images, over the limit of {max_images} per request"
+        )
+    return images
+
+
+def _json_images(body: bytes) -> list[bytes]:
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise ApiError(422, "bad_json", f"the body is not JSON: {exc}") from exc
+    items: Any = None
+    if isinstance(doc, dict):
+        items = [doc["image"]] if "image" in doc else doc.get("images")
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ApiError(422, "bad_json", 'send {"image": "<base64>"} or {"images": ["<base64>", ...]}')
+    try:
+        return [base64.b64decode(item, validate=True) for item in items]
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(422, "bad_base64", f"an image is not valid base64: {exc}") from exc
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """The gateway app of one worker (``uvicorn --factory services.serving.gateway.app:create_app``)."""
+    s = settings or GatewaySettings()
+    gateway = Gateway(s)
+    keys = [k.get_secret_value().encode() for k in s.gateway_api_keys]
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(
+        title="Conveyor gateway",
+        description=__doc__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+    app.state.gateway = gateway
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+        return JSONResponse({"error": exc.error, "detail": exc.detail}, exc.status, headers=headers)
+
+    def authorize(request: Request) -> None:
+        if not keys:
+            return
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix(
+            "Bearer "
+        )
+        if not any(hmac.compare_digest(given.encode(), key) for key in keys):
+            raise ApiError(
+                401, "unauthorized", "send an API key as `X-API-Key: <key>` (CONVEYOR_GATEWAY_API_KEYS)"
+            )
+
+    @app.post("/v1/models/{model}/predict")
+    async def predict(model: str, request: Request) -> dict[str, Any]:
+        """Classify one image or a batch; see the module docs for the encodings."""
+        authorize(request)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(s.gateway_request_timeout_s):
+                images = await read_images(request, s.gateway_max_body_bytes, s.gateway_max_images)
+                return await gateway.predict(model, images, request.headers.get("x-request-key"))
+        except TimeoutError as exc:
+            raise ApiError(
+                504, "timeout", f"no answer within {s.gateway_request_timeout_s:.1f} s", RETRY_AFTER_S
+            ) from exc
+        finally:
+            gateway.latency.labels(model).observe(time.perf_counter() - started)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"models": {m: st.model_dump(mode="json") for m, st in sorted(gateway.catalog.states.items())}}
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return Response(b"ok", 200)
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ok = await gateway.ready()
+        return Response(b"ready" if ok else b"not ready", 200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gateway.metrics), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,97 @@
+"""What the gateway knows of each model: its rollout state, followed live from NATS KV (the registry writes
+it), and the serving spec of each version (from the model repository serving wrote).
+
+Every worker keeps its own copy and swaps a model's state in one assignment, so a blue/green switch is
+atomic for each request: a request reads the state once and is answered by the version it chose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from contracts.kv import RolloutState
+from services.runtime.kvstore import LazyBucket
+from services.runtime.preprocessing import PreprocessSpec
+from services.runtime.telemetry import get_logger
+
+__all__ = ["Catalog", "ServedSpec"]
+
+
+@dataclass(frozen=True)
+class ServedSpec:
+    preprocessing: PreprocessSpec
+    labels: tuple[str, ...]
+    input: str
+
+
+class Catalog(LazyBucket):
+    """``await start()`` loads every model's state, then follows the changes."""
+
+    def __init__(self, js: Callable[[], JetStreamContext], bucket: str, repository: Path) -> None:
+        super().__init__(js, bucket)
+        self.repository = repository
+        self.states: dict[str, RolloutState] = {}
+        self._specs: dict[tuple[str, int], ServedSpec] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.log = get_logger(component="catalog")
+
+    async def start(self) -> None:
+        for key, raw in (await self.current()).items():
+            self._apply(key, raw)
+        watcher = await (await self.kv()).watchall(include_history=False)
+        self._task = asyncio.create_task(self._follow(watcher))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                deleted = entry.operation in ("DEL", "PURGE")
+                self._apply(entry.key, None if deleted else entry.value)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    def _apply(self, key: str, raw: bytes | None) -> None:
+        if not raw:
+            self.states.pop(key, None)
+            return
+        try:
+            state = RolloutState.model_validate_json(raw)
+        except ValueError as exc:
+            self.log.error("unreadable rollout state ignored", model=key, error=str(exc))
+            return
+        current = self.states.get(key)
+        if current is None or state.revision >= current.revision:
+            self.states[key] = state  # one assignment: requests see the old or the new state, whole
+
+    def state(self, model: str) -> RolloutState | None:
+        return self.states.get(model)
+
+    def known(self, model: str) -> bool:
+        return model in self.states or (self.repository / model).is_dir()
+
+    def spec(self, model: str, version: int) -> ServedSpec:
+        """The serving spec of a deployed version; ``FileNotFoundError`` when serving has not written it."""
+        cached = self._specs.get((model, version))
+        if cached is None:
+            doc = json.loads((self.repository / model / str(version) / "serving_spec.json").read_text())
+            cached = ServedSpec(
+                PreprocessSpec.from_dict(doc["preprocessing"]), tuple(doc["labels"]), doc["inputs"][0]["name"]
+            )
+            self._specs[(model, version)] = cached
+        return cached
