@@ -144,7 +144,7 @@ class Gateway:
     # ---- predict -----------------------------------------------------------------------------------------
 
     async def predict(self, model: str, images: list[bytes], key: str | None) -> dict[str, Any]:
-        state = self._state(model)
+        state = self.state_of(model)
         chosen = choose(state, key)
         if chosen is None:
             raise ApiError(503, "not_deployed", f"model {model!r} has no version to serve yet", RETRY_AFTER_S)
@@ -183,7 +183,7 @@ class Gateway:
         self.requests.labels(model, str(version), route, "200").inc()
         return {"model": model, "version": version, "route": route, "predictions": predictions}
 
-    def _state(self, model: str) -> RolloutState:
+    def state_of(self, model: str) -> RolloutState:
         try:
             validate_name(model)
         except ValueError as exc:
@@ -434,6 +434,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(s.gateway_request_timeout_s):
+                gateway.state_of(model)  # an unknown model is a 404 whatever the body
                 images = await read_images(request, s.gateway_max_body_bytes, s.gateway_max_images)
                 return await gateway.predict(model, images, request.headers.get("x-request-key"))
         except TimeoutError as exc:
