@@ -31,6 +31,7 @@ from services.registry.cli import (
     rollback_command,
     route_command,
 )
+from services.serving.cli import predict_command
 from services.trainer.cli import lineage_command, train_command
 
 __all__ = ["app", "main"]
@@ -50,6 +51,7 @@ app.command("upload")(upload_command(bus_settings))
 app.command("datasets")(datasets_command(bus_settings))
 app.command("train")(train_command(bus_settings))
 app.command("lineage")(lineage_command(bus_settings))
+app.command("predict")(predict_command(bus_settings))
 app.command("models")(models_command(bus_settings))
 app.command("promote")(promote_command(bus_settings))
 app.command("rollback")(rollback_command(bus_settings))

@@ -2,7 +2,8 @@
 
 Today: start the stack, render the digits (shipped inside scikit-learn, no download) to PNG files, upload
 them to the incoming bucket like a user would, show ingest turning them into a dataset version, the trainer
-turning that into a registered model, and the registry gating it into the first champion.
+turning that into a registered model, the registry gating it into the first champion, serving loading it
+into Triton, and the champion answering predictions through the gateway.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from contracts.envelope import Event, decode
 from contracts.events import (
     DatasetVersioned,
+    ModelDeployed,
+    ModelDeployFailed,
     ModelPromoted,
     ModelRejected,
     ModelTrained,
@@ -63,7 +66,7 @@ def write_digits(root: Path) -> Path:
 
 class Watcher:
     """Collects this demo's events for digits: dataset.versioned, model.trained or .training_failed, and
-    model.promoted or .rejected."""
+    model.promoted or .rejected, model.deployed or .deploy_failed."""
 
     def __init__(self, settings: StackSettings) -> None:
         self.settings = settings
@@ -72,7 +75,8 @@ class Watcher:
 
     async def start(self) -> None:
         self.nc = await nats.connect(**self.settings.admin_connect_kwargs())  # type: ignore[arg-type]
-        for cls in (DatasetVersioned, ModelTrained, ModelTrainingFailed, ModelPromoted, ModelRejected):
+        kinds = (DatasetVersioned, ModelTrained, ModelTrainingFailed, ModelPromoted, ModelRejected)
+        for cls in (*kinds, ModelDeployed, ModelDeployFailed):
             subject = self.settings.subjects.event(cls.type, DATASET)
             await self.nc.subscribe(subject, cb=functools.partial(self._got, cls))
         await self.nc.flush()
@@ -158,14 +162,18 @@ def _demo(
         console.print(
             f"   `conveyor lineage {trained.model}@{trained.version}` walks back to the uploaded files"
         )
-        _gated(console, loop, watcher, trained)
+        _gated(console, loop, watcher, trained, settings)
     else:
         console.print("   [red]no model after 10 minutes[/]: see .conveyor/logs/trainer.log")
     return _next(settings, console)
 
 
 def _gated(
-    console: Console, loop: asyncio.AbstractEventLoop, watcher: Watcher, trained: ModelTrained
+    console: Console,
+    loop: asyncio.AbstractEventLoop,
+    watcher: Watcher,
+    trained: ModelTrained,
+    settings: StackSettings,
 ) -> None:
     console.print("[bold]4. Gate[/] the candidate: thresholds, champion vs challenger, smoke load, latency")
     with console.status("   waiting for model.promoted or model.rejected ..."):
@@ -180,6 +188,7 @@ def _gated(
         for gate in decided.gate_report:
             console.print(f"     [green]✓[/] {gate.name}: {gate.detail}")
         if decided.to_stage == "champion":
+            _served(console, loop, watcher, settings, decided)
             console.print(
                 f"   {ref} is the first champion. `conveyor models {trained.model}` and "
                 f"`conveyor audit {trained.model}` show it"
@@ -190,8 +199,56 @@ def _gated(
         console.print("   [red]no decision after 3 minutes[/]: see .conveyor/logs/registry.log")
 
 
+def _served(
+    console: Console,
+    loop: asyncio.AbstractEventLoop,
+    watcher: Watcher,
+    settings: StackSettings,
+    promoted: ModelPromoted,
+) -> None:
+    console.print("[bold]5. Serve[/]: verify the files, write the Triton repository, load, smoke-test")
+    with console.status("   waiting for model.deployed ..."):
+        deployed = loop.run_until_complete(watcher.next((ModelDeployed, ModelDeployFailed), 240))
+    if isinstance(deployed, ModelDeployFailed):
+        console.print(f"   [red]deploy failed[/] ({deployed.reason_code}): {deployed.reason}")
+        return
+    if not isinstance(deployed, ModelDeployed):
+        console.print("   [red]not deployed after 4 minutes[/]: see .conveyor/logs/serving.log")
+        return
+    console.print(
+        f"   {deployed.model}@{deployed.version} loaded in Triton ({deployed.backend} backend) in "
+        f"{deployed.load_seconds:.1f} s; smoke inference {deployed.smoke_latency_ms or 0:.1f} ms"
+    )
+    console.print(f"[bold]6. Predict[/] through the gateway ({settings.gateway_url})")
+    from services.serving.cli import predict_files
+
+    folder = settings.state_dir / "demo" / DATASET
+    picks = [sorted((folder / str(digit)).glob("*.png"))[-1] for digit in range(10)]
+    response = None
+    for _ in range(40):  # the gateway follows the rollout state within a moment
+        response = predict_files(settings.gateway_url, promoted.model, picks, key="demo")
+        if response.status_code != 503:
+            break
+        time.sleep(0.5)
+    if response is None or response.status_code != 200:
+        detail = response.text if response is not None else "no answer"
+        console.print(f"   [red]the gateway did not answer[/]: {detail}")
+        return
+    doc = response.json()
+    right = 0
+    for path, p in zip(picks, doc["predictions"], strict=True):
+        truth = path.parent.name
+        right += p["label"] == truth
+        mark = "[green]✓[/]" if p["label"] == truth else "[red]✗[/]"
+        console.print(f"     {mark} {truth}/{path.name} → {p['label']} ({p['confidence']:.3f})")
+    console.print(
+        f"   {right}/10 right, answered by {promoted.model}@{doc['version']} ({doc['route']}). "
+        f"`conveyor predict {promoted.model} IMAGE...` does the same"
+    )
+
+
 def _next(settings: StackSettings, console: Console) -> None:
     console.print(
         "\n[bold]Next[/]: `conveyor datasets`, `conveyor models`, `conveyor events tail`, MLflow at "
-        f"{settings.mlflow_url}. Serving and monitoring come with the next issues."
+        f"{settings.mlflow_url}. Monitoring comes with the next issue."
     )

@@ -21,11 +21,18 @@ __all__ = ["STACK_SERVICES", "ServiceSpec", "service_env", "service_part", "thre
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """A service of ``services/<name>``; ``env`` adds variables of its own."""
+    """A service of ``services/<name>``; ``env`` adds variables of its own. ``module`` is what ``python -m``
+    runs (default ``services.<name>``) and ``nats_user`` the NATS user it logs in as (default ``name``)."""
 
     name: str
     env: dict[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 45.0
+    module: str | None = None
+    nats_user: str | None = None
+
+    @property
+    def user(self) -> str:
+        return self.nats_user or self.name
 
 
 # Start order. Later issues add their service here, one line each.
@@ -33,6 +40,9 @@ STACK_SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("ingest"),
     ServiceSpec("trainer"),
     ServiceSpec("registry"),
+    ServiceSpec("serving"),
+    # The gateway is serving's HTTP front: serving's NATS user (it publishes inference.logged).
+    ServiceSpec("gateway", module="services.serving.gateway", nats_user="serving"),
 )
 
 
@@ -56,8 +66,8 @@ def service_env(
         "CONVEYOR_SUBJECT_PREFIX": settings.subject_prefix,
         "CONVEYOR_STATE_DIR": str(settings.state_dir),
         "CONVEYOR_NATS_URL": settings.nats_url,
-        "CONVEYOR_NATS_USER": spec.name,
-        "CONVEYOR_NATS_PASSWORD": secrets.nats[spec.name],
+        "CONVEYOR_NATS_USER": spec.user,
+        "CONVEYOR_NATS_PASSWORD": secrets.nats[spec.user],
         "CONVEYOR_S3_ENDPOINT": settings.s3_endpoint,
         "CONVEYOR_S3_ACCESS_KEY": secrets.s3_access_key,
         "CONVEYOR_S3_SECRET_KEY": secrets.s3_secret_key,
@@ -65,6 +75,8 @@ def service_env(
         "CONVEYOR_MLFLOW_URL": settings.mlflow_url,
         "CONVEYOR_TRITON_URL": settings.triton_url,
         "CONVEYOR_GATEWAY_URL": settings.gateway_url,
+        "CONVEYOR_TRITON_GRPC_URL": settings.triton_grpc_url,
+        "CONVEYOR_REGISTRY_URL": settings.registry_url,
         "CONVEYOR_ADMIN_TOKEN": secrets.admin_token,
         "CONVEYOR_HTTP_PORT": str(_port(spec, settings)),
         "CONVEYOR_LOG_LEVEL": settings.log_level,
@@ -104,7 +116,7 @@ def service_part(
     port = _port(spec, settings)
     return Part(
         name=spec.name,
-        argv=[sys.executable, "-m", f"services.{spec.name}"],
+        argv=[sys.executable, "-m", spec.module or f"services.{spec.name}"],
         env=service_env(spec, settings, secrets, threads=threads, experiment_id=experiment_id),
         health=HealthCheck(url=f"http://{settings.host}:{port}/healthz"),
         ports={f"{spec.name}_port": port},

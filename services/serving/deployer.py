@@ -159,10 +159,13 @@ class Deployer:
             await asyncio.to_thread(self.repository.install, event.model, event.version, files, shas)
 
     async def _load(self, model: str, needed: set[int], version: int | None) -> list[int]:
+        before = self.repository.listed(model)
         try:
             listed = self.repository.write_config(model, needed)
         except ValueError as exc:
             raise DeployFailed("load_failed", str(exc)) from exc
+        if listed == before and set(listed) <= set(await self._ready(model)):
+            return listed  # already loaded as the routes need it (a canary promoted from staging)
         try:
             await self.triton.load(model, self.load_timeout_s)
             if version is not None:

@@ -11,7 +11,7 @@ uvicorn.run(
     "services.serving.gateway.app:create_app",
     factory=True,
     host="127.0.0.1",
-    port=settings.gateway_port,
+    port=settings.port,
     workers=settings.gateway_workers,
     log_level="warning",
     access_log=False,

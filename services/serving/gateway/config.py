@@ -13,7 +13,9 @@ __all__ = ["GatewaySettings"]
 
 class GatewaySettings(Settings):
     service: str = "gateway"
-    gateway_port: int = Field(18180, ge=0, le=65535, description="the HTTP port of the gateway")
+    gateway_port: int = Field(
+        18180, ge=0, le=65535, description="the gateway's HTTP port (CONVEYOR_HTTP_PORT, when set, wins)"
+    )
     gateway_workers: int = Field(2, ge=1, le=64, description="uvicorn worker processes")
     triton_grpc_url: str = Field("127.0.0.1:18101", description="Triton's gRPC endpoint (host:port)")
     gateway_grpc_channels: int = Field(
@@ -36,6 +38,10 @@ class GatewaySettings(Settings):
     serving_model_repository: Path | None = Field(
         None, description="Triton's model repository (serving specs); unset: <state dir>/triton/models"
     )
+
+    @property
+    def port(self) -> int:
+        return self.http_port or self.gateway_port
 
     @property
     def model_repository(self) -> Path:
