@@ -192,6 +192,11 @@ class Subjects:
             trainer=f"{base}_trainer",
         )
 
+    @property
+    def predictions_store(self) -> str:
+        """The NATS object store of recent predictions' images (the gateway's), for feedback labels."""
+        return f"{self.prefix.replace('-', '_')}_predictions"
+
     def stream_for(self, subject: str) -> str:
         """The stream a subject of this install is stored on."""
         family = subject.removeprefix(f"{self.prefix}.").split(".", 1)[0]

@@ -24,6 +24,7 @@ _EXTRA_PUBLISH: dict[str, tuple[str, ...]] = {
     "registry": ("{p}.audit.>", "$KV.{kv}_rollout.>"),
     "ingest": ("$KV.{kv}_ingest_objects.>",),
     "trainer": ("$KV.{kv}_trainer.>",),
+    "serving": ("$O.{kv}_predictions.>",),  # the gateway keeps recent images for feedback labels
 }
 
 
@@ -41,8 +42,8 @@ def service_permissions(
     extra = [s.format(p=p, kv=kv) for s in _EXTRA_PUBLISH.get(service, ())]
     if any_prefix:
         # A NATS wildcard is a whole token, and a bucket name is one token: "$KV.*_rollout.>" would match
-        # nothing. Under any prefix, a service that owns a bucket may write every bucket.
-        extra = ["$KV.*.>" if s.startswith("$KV.") else s for s in extra]
+        # nothing. Under any prefix, a service that owns a bucket (or object store) may write every one.
+        extra = [s.split(".")[0] + ".*.>" if s.startswith(("$KV.", "$O.")) else s for s in extra]
         extra = list(dict.fromkeys(extra))
     return {
         "publish": {

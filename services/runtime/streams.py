@@ -7,7 +7,7 @@ declared configuration, a missing one is created.
 from __future__ import annotations
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 
 from contracts.names import StreamSpec, Subjects
@@ -78,4 +78,18 @@ async def ensure_streams(
                 )
             )
         names.append(bucket)
+    try:
+        await js.object_store(subjects.predictions_store)
+    except (BucketNotFoundError, NotFoundError):
+        await js.create_object_store(
+            subjects.predictions_store,  # nats-py sets the config's bucket from this argument
+            ObjectStoreConfig(
+                description="images of recent predictions, for feedback labels; written only by the gateway",
+                ttl=inference_max_age_s,
+                max_bytes=inference_max_bytes,
+                storage=StorageType.FILE,
+                replicas=replicas,
+            ),
+        )
+    names.append(subjects.predictions_store)
     return names

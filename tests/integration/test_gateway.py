@@ -1,13 +1,21 @@
 """The gateway against the real tritonserver and nats-server, with versions deployed by serving itself:
 predictions equal the TorchScript, routing follows the rollout state (blue/green, sticky canary, shadow),
-a switch under load fails nothing, and bad requests get the right codes."""
+a switch under load fails nothing, feedback becomes labelled data, and bad requests get the right codes.
+
+The gateway runs as users run it: ``python -m services.serving.gateway``, uvicorn with two workers, on a
+free port; counts come from its ``/metrics``, summed across the workers."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import os
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from contracts.events import InferenceLogged, ModelDeployed, ModelPromoted, ModelTrained
+from contracts.events import DatasetVersioned, InferenceLogged, ModelDeployed, ModelPromoted, ModelTrained
 from contracts.kv import RolloutPlan, RolloutState
 from deploy.local.natsconf import ADMIN_USER
 from services.runtime.bus import EventBus
@@ -23,9 +31,8 @@ from services.runtime.config import Settings
 from services.runtime.consumer import Delivery
 from services.serving.app import build as build_serving
 from services.serving.config import ServingSettings
-from services.serving.gateway.app import create_app
-from services.serving.gateway.config import GatewaySettings
 from tests import images
+from tests.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -33,28 +40,62 @@ KEY = "gateway-test-key"
 
 
 class World:
-    def __init__(self, admin: EventBus, http: httpx.AsyncClient, app: Any, model: str) -> None:
-        self.admin, self.http, self.app, self.model = admin, http, app, model
+    def __init__(self, admin: EventBus, env: dict[str, str], model: str) -> None:
+        self.admin, self.env, self.model = admin, env, model
         self.deployed: list[ModelDeployed] = []
         self.logged: list[InferenceLogged] = []
+        self.versions: list[DatasetVersioned] = []
+        self.revision = 0
+        self.http: httpx.AsyncClient = httpx.AsyncClient()
 
-    @property
-    def gateway(self) -> Any:
-        return self.app.state.gateway
+    @asynccontextmanager
+    async def gateway(self, **env: str) -> AsyncIterator[httpx.AsyncClient]:
+        """A gateway process (two uvicorn workers) on a free port; its client."""
+        port = free_port()
+        proc_env = self.env | {"CONVEYOR_GATEWAY_PORT": str(port)} | env
+        proc = subprocess.Popen([sys.executable, "-m", "services.serving.gateway"], env=proc_env)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+                for _ in range(600):
+                    assert proc.poll() is None, "the gateway exited"
+                    try:
+                        if (await http.get("/healthz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    await asyncio.sleep(0.1)
+                self.http = http
+                await self.synced(http)
+                yield http
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    async def synced(self, http: httpx.AsyncClient) -> None:
+        """Wait until every worker shows the newest rollout state written (a few answers in a row)."""
+        in_a_row = 0
+        for _ in range(400):
+            doc = (await http.get("/v1/models")).json()["models"].get(self.model)
+            seen = doc["revision"] if doc else 0
+            in_a_row = in_a_row + 1 if seen == self.revision else 0
+            if in_a_row >= 8:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the gateway's workers did not follow the rollout state")
 
     async def route(self, **fields: Any) -> None:
         """Write the rollout state as the registry would, and wait until the gateway follows it."""
-        current = self.gateway.catalog.state(self.model)
-        revision = current.revision + 1 if current else 1
-        state = RolloutState(model=self.model, revision=revision, **fields)
+        self.revision += 1
+        state = RolloutState(model=self.model, revision=self.revision, **fields)
         kv = await self.admin.js.key_value(self.admin.subjects.kv.rollout)
         await kv.put(self.model, state.model_dump_json().encode())
-        for _ in range(200):
-            seen = self.gateway.catalog.state(self.model)
-            if seen is not None and seen.revision == revision:
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError("the gateway did not follow the rollout state")
+        if not self.http.is_closed and str(self.http.base_url):
+            await self.synced(self.http)
 
     async def deploy(self, trained: ModelTrained, version: int, transition: int) -> None:
         await self.admin.publish(
@@ -82,10 +123,22 @@ class World:
             f"/v1/models/{self.model}/predict", content=content, headers=headers, **kw
         )
 
+    async def metric(self, name: str, **labels: str) -> float:
+        """A counter's value from /metrics (every worker's, summed), 0 when absent."""
+        text = (await self.http.get("/metrics")).text
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{"):
+                continue
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
 
 @pytest.fixture
 async def world(
-    nats_server: Any, mlflow_server: Any, triton_server: Any, prefix: str, tmp_path: Path, trained: Any
+    nats_server: Any, mlflow_server: Any, triton_server: Any, s3_server: Any, prefix: str, tmp_path: Path
 ) -> AsyncIterator[World]:
     common: dict[str, Any] = {
         "subject_prefix": prefix,
@@ -93,48 +146,57 @@ async def world(
         "mlflow_url": mlflow_server.url,
         "triton_url": triton_server.url,
         "state_dir": tmp_path / "state",
-        "serving_model_repository": triton_server.model_repository,
     }
     serving = ServingSettings(
-        **common, nats_user="serving", nats_password=nats_server.passwords["serving"], serving_gpu="false"
-    )
-    gateway_settings = GatewaySettings(
         **common,
         nats_user="serving",
         nats_password=nats_server.passwords["serving"],
-        triton_grpc_url=triton_server.grpc_url,
-        gateway_api_keys=[KEY],
-        gateway_max_body_bytes=64 * 1024,
-        gateway_shadow_queue=4096,
+        serving_gpu="false",
+        serving_model_repository=triton_server.model_repository,
     )
-    admin_settings = Settings(
-        **{k: v for k, v in common.items() if k != "serving_model_repository"},
-        service="tests",
-        nats_user=ADMIN_USER,
-        nats_password=nats_server.passwords[ADMIN_USER],
+    admin = EventBus(
+        Settings(
+            **common, service="tests", nats_user=ADMIN_USER, nats_password=nats_server.passwords[ADMIN_USER]
+        )
     )
-    admin = EventBus(admin_settings)
-    app = create_app(gateway_settings)
-    model = f"g-{prefix}"
-    transport = httpx.ASGITransport(app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=30) as http:
-        w = World(admin, http, app, model)
+    incoming = f"{prefix}-in"
+    s3_server.client().make_bucket(incoming)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")} | {
+        "CONVEYOR_SUBJECT_PREFIX": prefix,
+        "CONVEYOR_STATE_DIR": str(tmp_path / "gateway"),
+        "CONVEYOR_NATS_URL": nats_server.url,
+        "CONVEYOR_NATS_USER": "serving",
+        "CONVEYOR_NATS_PASSWORD": nats_server.passwords["serving"],
+        "CONVEYOR_TRITON_GRPC_URL": triton_server.grpc_url,
+        "CONVEYOR_SERVING_MODEL_REPOSITORY": str(triton_server.model_repository),
+        "CONVEYOR_GATEWAY_WORKERS": "2",
+        "CONVEYOR_GATEWAY_API_KEYS": json.dumps([KEY]),
+        "CONVEYOR_GATEWAY_MAX_BODY_BYTES": str(64 * 1024),
+        "CONVEYOR_GATEWAY_SHADOW_QUEUE": "4096",
+        "CONVEYOR_S3_ENDPOINT": s3_server.endpoint,
+        "CONVEYOR_S3_ACCESS_KEY": s3_server.access_key,
+        "CONVEYOR_S3_SECRET_KEY": s3_server.secret_key,
+        "CONVEYOR_INCOMING_BUCKET": incoming,
+        "CONVEYOR_INFERENCE_MAX_BYTES": str(16 * 1024**2),
+    }
+    w = World(admin, env, f"g-{prefix}")
 
-        async def on_deployed(event: ModelDeployed, _: Delivery) -> None:
-            w.deployed.append(event)
+    async def on_deployed(event: ModelDeployed, _: Delivery) -> None:
+        w.deployed.append(event)
 
-        async def on_logged(event: InferenceLogged, _: Delivery) -> None:
-            w.logged.append(event)
+    async def on_logged(event: InferenceLogged, _: Delivery) -> None:
+        w.logged.append(event)
 
-        admin.consume(ModelDeployed, on_deployed, durable="tests-deployed")
-        admin.consume(InferenceLogged, on_logged, durable="tests-logged")
-        serving_app, _ = build_serving(serving)
-        async with admin, serving_app:
-            await app.state.gateway.start()
-            try:
-                yield w
-            finally:
-                await app.state.gateway.stop()
+    admin.consume(ModelDeployed, on_deployed, durable="tests-deployed")
+
+    async def on_versioned(event: DatasetVersioned, _: Delivery) -> None:
+        w.versions.append(event)
+
+    admin.consume(InferenceLogged, on_logged, durable="tests-logged")
+    admin.consume(DatasetVersioned, on_versioned, durable="tests-versioned")
+    serving_app, _ = build_serving(serving)
+    async with admin, serving_app:
+        yield w
 
 
 def digit_png(index: int = 0) -> tuple[str, bytes]:
@@ -143,181 +205,256 @@ def digit_png(index: int = 0) -> tuple[str, bytes]:
 
 
 async def test_predictions_through_the_gateway_equal_the_torchscript(world, trained):
-    event, local = trained
-    await world.route(active_version=1)
-    await world.deploy(event, 1, 1)
-    items = images.digits_images(12)
-    import torch
+    async with world.gateway():
+        event, local = trained
+        await world.route(active_version=1)
+        await world.deploy(event, 1, 1)
+        items = images.digits_images(12)
+        import torch
 
-    from services.runtime.preprocessing import PreprocessSpec, preprocess_batch
+        from services.runtime.preprocessing import PreprocessSpec, preprocess_batch
 
-    spec = json.loads((local / "serving_spec.json").read_text())
-    module = torch.jit.load(str(local / "model.pt"))
-    batch = preprocess_batch([d for _, _, d in items], PreprocessSpec.from_dict(spec["preprocessing"]))
-    with torch.no_grad():
-        expected = torch.softmax(module(torch.from_numpy(batch))[0], dim=1).numpy()
+        spec = json.loads((local / "serving_spec.json").read_text())
+        module = torch.jit.load(str(local / "model.pt"))
+        batch = preprocess_batch([d for _, _, d in items], PreprocessSpec.from_dict(spec["preprocessing"]))
+        with torch.no_grad():
+            expected = torch.softmax(module(torch.from_numpy(batch))[0], dim=1).numpy()
 
-    one = await world.predict(items[0][2])  # raw bytes
-    assert one.status_code == 200, one.text
-    files = [("files", (f"{i}.png", d, "image/png")) for i, (_, _, d) in enumerate(items)]
-    multi = await world.http.post(
-        f"/v1/models/{world.model}/predict", files=files, headers={"X-API-Key": KEY}
-    )
-    as_json = await world.http.post(
-        f"/v1/models/{world.model}/predict",
-        json={"images": [base64.b64encode(d).decode() for _, _, d in items]},
-        headers={"Authorization": f"Bearer {KEY}"},
-    )
-    for response in (multi, as_json):
-        assert response.status_code == 200, response.text
-        doc = response.json()
-        assert (doc["version"], doc["route"]) == (1, "active")
-        served = np.array(
-            [[p["probabilities"][label] for label in spec["labels"]] for p in doc["predictions"]]
+        one = await world.predict(items[0][2])  # raw bytes
+        assert one.status_code == 200, one.text
+        files = [("files", (f"{i}.png", d, "image/png")) for i, (_, _, d) in enumerate(items)]
+        multi = await world.http.post(
+            f"/v1/models/{world.model}/predict", files=files, headers={"X-API-Key": KEY}
         )
-        np.testing.assert_allclose(served, expected, atol=1e-4)
-        assert [p["label"] for p in doc["predictions"]] == [spec["labels"][i] for i in expected.argmax(1)]
-        assert len({p["prediction_id"] for p in doc["predictions"]}) == len(items)
-    assert one.json()["predictions"][0]["label"] == spec["labels"][int(expected[0].argmax())]
-    for _ in range(100):  # sampled at 100 %: every prediction reaches the monitor's stream
-        if sum(len(e.samples) for e in world.logged) >= 1 + 2 * len(items):
-            break
-        await asyncio.sleep(0.05)
-    samples = [s for e in world.logged for s in e.samples]
-    assert len(samples) == 1 + 2 * len(items)
-    assert all(s.version == 1 and s.route == "active" and s.embedding and s.image_stats for s in samples)
+        as_json = await world.http.post(
+            f"/v1/models/{world.model}/predict",
+            json={"images": [base64.b64encode(d).decode() for _, _, d in items]},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+        for response in (multi, as_json):
+            assert response.status_code == 200, response.text
+            doc = response.json()
+            assert (doc["version"], doc["route"]) == (1, "active")
+            served = np.array(
+                [[p["probabilities"][label] for label in spec["labels"]] for p in doc["predictions"]]
+            )
+            np.testing.assert_allclose(served, expected, atol=1e-4)
+            assert [p["label"] for p in doc["predictions"]] == [spec["labels"][i] for i in expected.argmax(1)]
+            assert len({p["prediction_id"] for p in doc["predictions"]}) == len(items)
+        assert one.json()["predictions"][0]["label"] == spec["labels"][int(expected[0].argmax())]
+        for _ in range(100):  # sampled at 100 %: every prediction reaches the monitor's stream
+            if sum(len(e.samples) for e in world.logged) >= 1 + 2 * len(items):
+                break
+            await asyncio.sleep(0.05)
+        samples = [s for e in world.logged for s in e.samples]
+        assert len(samples) == 1 + 2 * len(items)
+        assert all(s.version == 1 and s.route == "active" and s.embedding and s.image_stats for s in samples)
 
 
 async def test_a_canary_takes_its_share_stickily_and_a_switch_under_load_fails_nothing(world, trained):
-    event, _ = trained
-    await world.route(active_version=1)
-    await world.deploy(event, 1, 1)
-    await world.deploy(event, 2, 2)  # both loaded: staging loads beside the routed version
-    await world.route(active_version=1, canary_version=2, canary_weight=30)
-    _, png = digit_png()
-    gate = asyncio.Semaphore(16)
+    async with world.gateway():
+        event, _ = trained
+        await world.route(active_version=1)
+        await world.deploy(event, 1, 1)
+        await world.deploy(event, 2, 2)  # both loaded: staging loads beside the routed version
+        await world.route(active_version=1, canary_version=2, canary_weight=30)
+        _, png = digit_png()
+        gate = asyncio.Semaphore(16)
 
-    async def version_for(key: str) -> int:
-        async with gate:
-            response = await world.predict(png, key=key)
-        assert response.status_code == 200, response.text
-        return int(response.json()["version"])
+        async def version_for(key: str) -> int:
+            async with gate:
+                response = await world.predict(png, key=key)
+            assert response.status_code == 200, response.text
+            return int(response.json()["version"])
 
-    versions = await asyncio.gather(*(version_for(f"user-{i}") for i in range(2000)))
-    share = versions.count(2) / len(versions)
-    print(f"canary share at weight 30: {share:.3f}")
-    assert 0.25 <= share <= 0.35
-    again = await asyncio.gather(*(version_for(f"user-{i}") for i in range(200)))
-    assert again == versions[:200]  # the same key always gets the same version
+        versions = await asyncio.gather(*(version_for(f"user-{i}") for i in range(2000)))
+        share = versions.count(2) / len(versions)
+        print(f"canary share at weight 30: {share:.3f}")
+        assert 0.25 <= share <= 0.35
+        again = await asyncio.gather(*(version_for(f"user-{i}") for i in range(200)))
+        assert again == versions[:200]  # the same key always gets the same version
 
-    # Blue/green under continuous load from several clients: not one request fails.
-    failures: list[str] = []
-    answered: list[int] = []
-    stop = asyncio.Event()
+        # Blue/green under continuous load from several clients: not one request fails.
+        failures: list[str] = []
+        answered: list[int] = []
+        stop = asyncio.Event()
 
-    async def client(n: int) -> None:
-        while not stop.is_set():
-            response = await world.predict(png)
-            if response.status_code != 200:
-                failures.append(f"{response.status_code} {response.text}")
-            else:
-                answered.append(response.json()["version"])
+        async def client(n: int) -> None:
+            while not stop.is_set():
+                response = await world.predict(png)
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code} {response.text}")
+                else:
+                    answered.append(response.json()["version"])
 
-    clients = [asyncio.create_task(client(n)) for n in range(6)]
-    await asyncio.sleep(0.5)
-    await world.route(active_version=2)  # the registry's switch
-    await world.admin.publish(  # ... then serving unloads version 1
-        ModelPromoted(
-            model=world.model,
-            version=2,
-            to_stage="champion",
-            transition=3,
-            reason="test",
-            actor="registry",
-            artifacts=event.artifacts,
-            rollout_plan=RolloutPlan(),
+        clients = [asyncio.create_task(client(n)) for n in range(6)]
+        await asyncio.sleep(0.5)
+        await world.route(active_version=2)  # the registry's switch
+        await world.admin.publish(  # ... then serving unloads version 1
+            ModelPromoted(
+                model=world.model,
+                version=2,
+                to_stage="champion",
+                transition=3,
+                reason="test",
+                actor="registry",
+                artifacts=event.artifacts,
+                rollout_plan=RolloutPlan(),
+            )
         )
-    )
-    for _ in range(1200):
-        if any(d.transition == 3 for d in world.deployed):
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.5)
-    stop.set()
-    await asyncio.gather(*clients)
-    assert [d.loaded_versions for d in world.deployed if d.transition == 3] == [[2]]
-    assert failures == [] and 1 in answered and answered[-1] == 2
-    print(f"{len(answered)} requests during the switch, 0 failed")
+        for _ in range(1200):
+            if any(d.transition == 3 for d in world.deployed):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*clients)
+        assert [d.loaded_versions for d in world.deployed if d.transition == 3] == [[2]]
+        assert failures == [] and 1 in answered and answered[-1] == 2
+        print(f"{len(answered)} requests during the switch, 0 failed")
 
 
 async def test_the_shadow_sees_every_request_and_changes_no_answer(world, trained):
-    event, _ = trained
-    await world.route(active_version=1)
-    await world.deploy(event, 1, 1)
-    await world.deploy(event, 2, 2)
-    _, png = digit_png(3)
-    before = (await world.predict(png)).json()["predictions"][0]
-    await world.route(active_version=1, shadow_version=2)
-    answers = [(await world.predict(png)).json() for _ in range(40)]
-    assert all(a["version"] == 1 and a["route"] == "active" for a in answers)
-    assert all(a["predictions"][0]["probabilities"] == before["probabilities"] for a in answers)
-    gateway = world.gateway
-    for _ in range(200):
-        compared = sum(gateway.shadow_compared.labels(world.model, x)._value.get() for x in ("true", "false"))
-        if compared == 40:
-            break
-        await asyncio.sleep(0.05)
-    assert compared == 40 and gateway.shadow_dropped.labels(world.model)._value.get() == 0
-    for _ in range(100):
-        shadowed = [s for e in world.logged for s in e.samples if s.shadow is not None]
-        if len(shadowed) == 40:
-            break
-        await asyncio.sleep(0.05)
-    assert len(shadowed) == 40 and all(s.shadow.version == 2 and s.shadow.agrees for s in shadowed)
+    async with world.gateway():
+        event, _ = trained
+        await world.route(active_version=1)
+        await world.deploy(event, 1, 1)
+        await world.deploy(event, 2, 2)
+        _, png = digit_png(3)
+        before = (await world.predict(png)).json()["predictions"][0]
+        await world.route(active_version=1, shadow_version=2)
+        answers = [(await world.predict(png)).json() for _ in range(40)]
+        assert all(a["version"] == 1 and a["route"] == "active" for a in answers)
+        assert all(a["predictions"][0]["probabilities"] == before["probabilities"] for a in answers)
+        for _ in range(200):
+            compared = await world.metric("conveyor_gateway_shadow_compared_total", model=world.model)
+            if compared == 40:
+                break
+            await asyncio.sleep(0.05)
+        assert compared == 40
+        assert await world.metric("conveyor_gateway_shadow_dropped_total", model=world.model) == 0
+        for _ in range(100):
+            shadowed = [s for e in world.logged for s in e.samples if s.shadow is not None]
+            if len(shadowed) == 40:
+                break
+            await asyncio.sleep(0.05)
+        assert len(shadowed) == 40 and all(s.shadow.version == 2 and s.shadow.agrees for s in shadowed)
 
     # A full queue drops mirrors (counted), never requests.
-    gateway.shadow_queue = asyncio.Queue(1)
-    burst = await asyncio.gather(*(world.predict(png) for _ in range(30)))
-    assert all(r.status_code == 200 for r in burst)
-    assert gateway.shadow_dropped.labels(world.model)._value.get() > 0
+    async with world.gateway(CONVEYOR_GATEWAY_SHADOW_QUEUE="1"):
+        burst = await asyncio.gather(*(world.predict(png) for _ in range(40)))
+        assert all(r.status_code == 200 for r in burst)
+        dropped = await world.metric("conveyor_gateway_shadow_dropped_total", model=world.model)
+        compared = await world.metric("conveyor_gateway_shadow_compared_total", model=world.model)
+        assert dropped > 0 and dropped + compared <= 40
 
 
 async def test_bad_requests_get_clear_codes(world, trained):
+    async with world.gateway():
+        event, _ = trained
+        _, png = digit_png()
+        no_state = await world.predict(png)  # known nowhere yet
+        assert no_state.status_code == 404 and no_state.json()["error"] == "unknown_model"
+        await world.route(canary_version=None, active_version=None)
+        undeployed = await world.predict(png)
+        assert undeployed.status_code == 503 and undeployed.headers["retry-after"]
+        await world.route(active_version=1)
+        await world.deploy(event, 1, 1)
+        cases = {
+            "no key": (await world.predict(png, headers={"X-API-Key": "wrong"}), 401, "unauthorized"),
+            "text": (
+                await world.predict(b"hello", headers={"Content-Type": "text/plain"}),
+                415,
+                "unsupported_media_type",
+            ),
+            "gif": (await world.predict(b"GIF89a" + b"\0" * 40), 415, "unsupported_image"),
+            "corrupt": (await world.predict(png[:60]), 422, "undecodable_image"),
+            "too large": (await world.predict(b"\x89PNG" + b"\0" * 70_000), 413, "too_large"),
+            "bad base64": (
+                await world.http.post(
+                    f"/v1/models/{world.model}/predict", json={"image": "%%%"}, headers={"X-API-Key": KEY}
+                ),
+                422,
+                "bad_base64",
+            ),
+            "bad name": (
+                await world.http.post(
+                    "/v1/models/Not_A_Model/predict", content=png, headers={"X-API-Key": KEY}
+                ),
+                404,
+                "unknown_model",
+            ),
+        }
+        for name, (response, status, error) in cases.items():
+            assert response.status_code == status, (name, response.text)
+            assert response.json()["error"] == error, (name, response.text)
+            assert response.json()["detail"], name
+        ok = await world.predict(png)
+        assert ok.status_code == 200  # and the gateway still answers
+
+
+async def test_feedback_becomes_labelled_data_that_ingest_versions(
+    world, trained, s3_server, nats_server, tmp_path
+):
+    from services.ingest.app import build as build_ingest
+    from services.ingest.config import IngestSettings
+
     event, _ = trained
-    _, png = digit_png()
-    no_state = await world.predict(png)  # known nowhere yet
-    assert no_state.status_code == 404 and no_state.json()["error"] == "unknown_model"
-    await world.route(canary_version=None, active_version=None)
-    undeployed = await world.predict(png)
-    assert undeployed.status_code == 503 and undeployed.headers["retry-after"]
     await world.route(active_version=1)
     await world.deploy(event, 1, 1)
-    cases = {
-        "no key": (await world.predict(png, headers={"X-API-Key": "wrong"}), 401, "unauthorized"),
-        "text": (
-            await world.predict(b"hello", headers={"Content-Type": "text/plain"}),
-            415,
-            "unsupported_media_type",
-        ),
-        "gif": (await world.predict(b"GIF89a" + b"\0" * 40), 415, "unsupported_image"),
-        "corrupt": (await world.predict(png[:60]), 422, "undecodable_image"),
-        "too large": (await world.predict(b"\x89PNG" + b"\0" * 70_000), 413, "too_large"),
-        "bad base64": (
-            await world.http.post(
-                f"/v1/models/{world.model}/predict", json={"image": "%%%"}, headers={"X-API-Key": KEY}
-            ),
-            422,
-            "bad_base64",
-        ),
-        "bad name": (
-            await world.http.post("/v1/models/Not_A_Model/predict", content=png, headers={"X-API-Key": KEY}),
-            404,
-            "unknown_model",
-        ),
-    }
-    for name, (response, status, error) in cases.items():
-        assert response.status_code == status, (name, response.text)
-        assert response.json()["error"] == error, (name, response.text)
-        assert response.json()["detail"], name
-    ok = await world.predict(png)
-    assert ok.status_code == 200  # and the gateway still answers
+    label, png = digit_png(5)
+    async with world.gateway():
+        answer = (await world.predict(png)).json()["predictions"][0]
+        headers = {"X-API-Key": KEY}
+        url = f"/v1/models/{world.model}/feedback"
+        for _ in range(50):  # the image is kept in the background, right after the answer
+            given = await world.http.post(
+                url, json={"prediction_id": answer["prediction_id"], "label": label}, headers=headers
+            )
+            if given.status_code != 404:
+                break
+            await asyncio.sleep(0.1)
+        assert given.status_code == 202, given.text
+        unknown = await world.http.post(
+            url, json={"prediction_id": "f" * 32, "label": label}, headers=headers
+        )
+        bad = await world.http.post(
+            url, json={"prediction_id": answer["prediction_id"], "label": "Three"}, headers=headers
+        )
+    assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_prediction"
+    assert bad.status_code == 422 and bad.json()["error"] == "bad_label"
+    stored = given.json()["stored"]
+    bucket, key = stored.removeprefix("s3://").split("/", 1)
+    assert key == f"{world.model}/{label}/feedback-{answer['prediction_id']}.png"
+    assert s3_server.client().get_object(bucket, key).read() == png  # the very bytes that were predicted
+    for _ in range(100):
+        feedback = [f for e in world.logged for f in e.feedback]
+        if feedback:
+            break
+        await asyncio.sleep(0.05)
+    [fb] = feedback
+    assert (fb.true_label, fb.predicted_label, fb.version) == (label, answer["label"], 1)
+
+    # ... and ingest makes a dataset version of it, like any upload.
+    ingest = IngestSettings(
+        subject_prefix=world.env["CONVEYOR_SUBJECT_PREFIX"],
+        nats_url=nats_server.url,
+        nats_user="ingest",
+        nats_password=nats_server.passwords["ingest"],
+        s3_endpoint=s3_server.endpoint,
+        s3_access_key=s3_server.access_key,
+        s3_secret_key=s3_server.secret_key,
+        incoming_bucket=bucket,
+        quarantine_bucket=bucket,
+        state_dir=tmp_path / "ingest",
+        ingest_quiet_window_s=0.3,
+        ingest_poll_interval_s=0.2,
+    )
+    app, _ = build_ingest(ingest)
+    async with app:
+        for _ in range(600):
+            if world.versions:
+                break
+            await asyncio.sleep(0.05)
+    [version] = world.versions
+    assert (version.dataset, version.label_counts) == (world.model, {label: 1})

@@ -78,10 +78,11 @@ def test_mlflow_health_and_artifacts_on_s3(mlflow_server: MlflowServer, prefix: 
     assert any(key.endswith(f"{run['run_id']}/artifacts/hello.txt") for key in keys), keys
 
 
-def test_triton_live_with_an_empty_repository(triton_server: TritonServer) -> None:
+def test_triton_live_in_explicit_mode(triton_server: TritonServer) -> None:
     assert httpx.get(f"{triton_server.url}/v2/health/live").status_code == 200
     assert httpx.get(f"{triton_server.url}/v2/health/ready").status_code == 200
     index = httpx.post(f"{triton_server.url}/v2/repository/index", json={})
     assert index.status_code == 200
-    assert index.json() == []
+    # Explicit model control: nothing loads by itself; what is listed, serving tests loaded by name.
+    assert all(m["name"].startswith(("m-", "g-")) for m in index.json()), index.json()
     assert httpx.get(triton_server.metrics_url).status_code == 200

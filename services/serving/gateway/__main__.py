@@ -1,4 +1,11 @@
-"""``python -m services.serving.gateway``: the gateway under uvicorn, CONVEYOR_GATEWAY_WORKERS workers."""
+"""``python -m services.serving.gateway``: the gateway under uvicorn, CONVEYOR_GATEWAY_WORKERS workers.
+
+Prometheus runs in multiprocess mode (PROMETHEUS_MULTIPROC_DIR, a fresh folder under the state dir unless
+set), so ``/metrics`` on any worker reports the counts of all of them.
+"""
+
+import os
+import shutil
 
 import uvicorn
 
@@ -7,6 +14,11 @@ from services.serving.gateway.config import GatewaySettings
 
 settings = GatewaySettings()
 setup_logging(settings)
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    metrics_dir = settings.state_dir.resolve() / "gateway" / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 uvicorn.run(
     "services.serving.gateway.app:create_app",
     factory=True,

@@ -4,6 +4,9 @@ Imports no torch: images are decoded and preprocessed by ``services/runtime/prep
 Pillow, exactly as in training), then sent to Triton over pooled gRPC channels.
 
 ==============================================  =============================================================
+``POST /v1/models/{model}/feedback``            ``{"prediction_id": ..., "label": "3"}``: the true label of an
+                                                earlier prediction; its image lands in the incoming bucket as
+                                                ``<dataset>/<label>/feedback-<id>.<ext>`` (new labelled data)
 ``POST /v1/models/{model}/predict``             multipart files, raw image bytes (``image/*`` or
                                                 ``application/octet-stream``), or JSON ``{"image": b64}`` /
                                                 ``{"images": [b64, ...]}``; ``X-Request-Key`` makes canary
@@ -25,6 +28,7 @@ import binascii
 import hmac
 import itertools
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,11 +43,12 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.datastructures import UploadFile
 
-from contracts.events import ImageStats, InferenceSample, ShadowResult
+from contracts.events import Feedback, ImageStats, InferenceLogged, InferenceSample, ShadowResult
 from contracts.kv import RolloutState
 from contracts.names import validate_name
 from services.runtime.bus import EventBus
 from services.runtime.inference_log import InferenceLogger
+from services.runtime.policy import Policies
 from services.runtime.preprocessing import (
     ImageDecodeError,
     UnsupportedImageFormat,
@@ -59,6 +64,8 @@ from services.serving.gateway.routing import Route, choose, mirror
 __all__ = ["Gateway", "create_app"]
 
 RETRY_AFTER_S = "2"
+MAX_IMAGES_BEING_KEPT = 256  # puts to the object store in flight; beyond, an image is not kept (counted)
+_EXTENSIONS = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpg", b"II*\x00": "tif", b"MM\x00*": "tif"}
 
 
 class ApiError(Exception):
@@ -96,6 +103,9 @@ class Gateway:
             asyncio.Queue(settings.gateway_shadow_queue)
         )
         self._shadow_tasks: list[asyncio.Task[None]] = []
+        self.policies = Policies(lambda: self.bus.js, settings.subjects.kv.policy)
+        self._keeping: set[asyncio.Task[None]] = set()
+        self._store: Any = None
         self.log = get_logger(component="gateway")
         self.metrics = CollectorRegistry()
         self.requests = Counter(
@@ -114,6 +124,12 @@ class Gateway:
         self.shadow_dropped = Counter(
             "conveyor_gateway_shadow_dropped",
             "Mirrored requests dropped: the shadow queue was full",
+            ["model"],
+            registry=self.metrics,
+        )
+        self.images_not_kept = Counter(
+            "conveyor_gateway_images_not_kept",
+            "Predicted images not kept for feedback (too many puts in flight, or the store refused)",
             ["model"],
             registry=self.metrics,
         )
@@ -137,6 +153,8 @@ class Gateway:
             task.cancel()
         await self.catalog.stop()
         await self.inference_log.stop()
+        if self._keeping:
+            await asyncio.wait(self._keeping, timeout=5)
         for client in self._clients:
             await client.close()
         await self.bus.broker.stop()
@@ -171,6 +189,7 @@ class Gateway:
             }
             for i in range(len(images))
         ]
+        self._keep(model, version, ids, images, [spec.labels[int(i)] for i in top])
         samples = self._samples(images, spec, answer, predictions, ids)
         if mirror(state, version) is not None:
             try:
@@ -182,6 +201,103 @@ class Gateway:
             self._log(model, samples)
         self.requests.labels(model, str(version), route, "200").inc()
         return {"model": model, "version": version, "route": route, "predictions": predictions}
+
+    # ---- feedback ----------------------------------------------------------------------------------------
+
+    def _keep(self, model: str, version: int, ids: list[str], images: list[bytes], labels: list[str]) -> None:
+        """Keep the images in the predictions object store, in the background, never delaying the answer."""
+        if not self.settings.gateway_keep_images:
+            return
+        if len(self._keeping) >= MAX_IMAGES_BEING_KEPT:
+            self.images_not_kept.labels(model).inc(len(images))
+            return
+        task = asyncio.create_task(self._put_images(model, version, ids, images, labels))
+        self._keeping.add(task)
+        task.add_done_callback(self._keeping.discard)
+
+    async def _put_images(
+        self, model: str, version: int, ids: list[str], images: list[bytes], labels: list[str]
+    ) -> None:
+        from nats.js.api import ObjectMeta
+
+        try:
+            store = await self._predictions()
+            for pid, image, label in zip(ids, images, labels, strict=True):
+                about = json.dumps({"model": model, "version": version, "label": label})
+                await store.put(pid, image, meta=ObjectMeta(name=pid, description=about))
+        except Exception as exc:  # full or unreachable: the prediction stands, only its feedback is lost
+            self.images_not_kept.labels(model).inc(len(images))
+            self.log.warning("prediction images not kept", model=model, error=repr(exc))
+
+    async def _predictions(self) -> Any:
+        if self._store is None:
+            self._store = await self.bus.js.object_store(self.settings.subjects.predictions_store)
+        return self._store
+
+    async def feedback(self, model: str, prediction_id: str, label: str) -> dict[str, Any]:
+        """Store the image of an earlier prediction under its true label and tell the monitor."""
+        from minio import Minio
+        from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+        self.state_of(model)
+        try:
+            validate_name(label)
+        except ValueError as exc:
+            raise ApiError(422, "bad_label", f"label {label!r}: {exc}") from exc
+        try:
+            found = await (await self._predictions()).get(prediction_id)
+        except (ObjectNotFoundError, NotFoundError) as exc:
+            raise ApiError(
+                404,
+                "unknown_prediction",
+                f"no prediction {prediction_id!r} is held: it is unknown, or older than the predictions "
+                "store keeps images (CONVEYOR_INFERENCE_MAX_AGE_S)",
+            ) from exc
+        about = json.loads(found.info.description or "{}")
+        if about.get("model") != model:
+            raise ApiError(
+                404, "unknown_prediction", f"prediction {prediction_id!r} was not made by {model!r}"
+            )
+        data = bytes(found.data or b"")
+        extension = next((ext for magic, ext in _EXTENSIONS.items() if data.startswith(magic)), "img")
+        dataset = (await self.policies.get(model)).dataset_name
+        key = f"{dataset}/{label}/feedback-{prediction_id}.{extension}"
+        s = self.settings
+        client = Minio(
+            s.s3_endpoint.split("://", 1)[-1],
+            access_key=s.s3_access_key,
+            secret_key=s.s3_secret_key.get_secret_value(),
+            secure=s.s3_endpoint.startswith("https://"),
+            region=s.s3_region,
+        )
+        import io
+
+        try:
+            await asyncio.to_thread(
+                client.put_object,
+                s.incoming_bucket,
+                key,
+                io.BytesIO(data),
+                len(data),
+                "application/octet-stream",
+            )
+        except Exception as exc:
+            raise ApiError(
+                503, "store_unavailable", f"the bucket did not take the image: {exc}", RETRY_AFTER_S
+            ) from exc
+        feedback = Feedback(
+            prediction_id=prediction_id,
+            time=datetime.now(UTC),
+            version=int(about.get("version", 1)),
+            predicted_label=about.get("label"),
+            true_label=label,
+        )
+        await self.bus.publish(
+            InferenceLogged(
+                model=model, batch_id=f"feedback-{prediction_id}", sample_rate=1.0, feedback=[feedback]
+            )
+        )
+        return {"stored": f"s3://{s.incoming_bucket}/{key}", "dataset": dataset, "label": label}
 
     def state_of(self, model: str) -> RolloutState:
         try:
@@ -444,6 +560,25 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         finally:
             gateway.latency.labels(model).observe(time.perf_counter() - started)
 
+    @app.post("/v1/models/{model}/feedback", status_code=202)
+    async def feedback(model: str, request: Request) -> dict[str, Any]:
+        """The true label of an earlier prediction: new labelled data, and live accuracy for the monitor."""
+        authorize(request)
+        try:
+            doc = await request.json()
+        except ValueError as exc:
+            raise ApiError(422, "bad_json", f"the body is not JSON: {exc}") from exc
+        if (
+            not isinstance(doc, dict)
+            or not isinstance(doc.get("prediction_id"), str)
+            or not isinstance(doc.get("label"), str)
+        ):
+            raise ApiError(
+                422, "bad_feedback", 'send {"prediction_id": "<id from predict>", "label": "<true label>"}'
+            )
+        async with asyncio.timeout(s.gateway_request_timeout_s):
+            return await gateway.feedback(model, doc["prediction_id"], doc["label"])
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"models": {m: st.model_dump(mode="json") for m, st in sorted(gateway.catalog.states.items())}}
@@ -459,6 +594,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(gateway.metrics), media_type="text/plain; version=0.0.4")
+        """Every worker's counts: with PROMETHEUS_MULTIPROC_DIR (set by ``__main__``), summed across them."""
+        registry = gateway.metrics
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
     return app

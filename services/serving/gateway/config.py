@@ -35,6 +35,10 @@ class GatewaySettings(Settings):
     gateway_trace_sample_rate: float = Field(
         0.01, ge=0, le=1, description="fraction of predict requests traced"
     )
+    gateway_keep_images: bool = Field(
+        True, description="keep each predicted image a while (NATS object store) so feedback can label it"
+    )
+    incoming_bucket: str = Field("incoming", description="where feedback images land as labelled data")
     serving_model_repository: Path | None = Field(
         None, description="Triton's model repository (serving specs); unset: <state dir>/triton/models"
     )
