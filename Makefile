@@ -39,6 +39,7 @@ bench: $(STAMP)  ## print the benchmark figures (one JSON line each)
 	$(BIN)/python bench/bus.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/serve.py
 
 up: $(STAMP)  ## start the embedded stack
 	$(BIN)/conveyor up

@@ -112,7 +112,7 @@ class Registrar:
         state = await self._state(model)
         if version not in state.versions:
             raise TransientError(f"{model} version {version} is not in MLflow yet", retry_after=2.0)
-        if "rejected" in state.tags[version] or stage_of(state.aliases, version) not in (None, "candidate"):
+        if _gated(state, version):
             return await self._replay(model, cause_id)  # gated before: nothing changes
         policy = await self.policies.get(model)
         report = self._recorded_report(state, version)
@@ -128,6 +128,8 @@ class Registrar:
         self.log.info("gates", model=model, version=version, passed=report.passed, summary=report.summary())
 
         def plan(state: ModelState, rollout: RolloutState, policy: ModelPolicy) -> Change | None:
+            if _gated(state, version):
+                return None  # another replica (or an earlier delivery) moved it meanwhile
             if report.passed:
                 to = self._first_stage(state, policy)
                 change = plan_transition(state.aliases, state.tags, version, to, policy.rollout, manual=False)
@@ -474,6 +476,11 @@ class Registrar:
         if "conveyor.gates_passed" not in info.tags:
             return None
         return GateReport(info.tags["conveyor.gates_passed"] == "true", info.gate_report)
+
+
+def _gated(state: ModelState, version: int) -> bool:
+    """The version left ``candidate``: it was promoted or rejected after its gates."""
+    return "rejected" in state.tags[version] or stage_of(state.aliases, version) not in (None, "candidate")
 
 
 def _routes(state: RolloutState) -> tuple[Any, ...]:

@@ -29,6 +29,7 @@ import hmac
 import itertools
 import json
 import os
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -543,10 +544,24 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 401, "unauthorized", "send an API key as `X-API-Key: <key>` (CONVEYOR_GATEWAY_API_KEYS)"
             )
 
+    tracer = gateway.bus.tracer_provider.get_tracer("conveyor.gateway")
+
     @app.post("/v1/models/{model}/predict")
     async def predict(model: str, request: Request) -> dict[str, Any]:
         """Classify one image or a batch; see the module docs for the encodings."""
         authorize(request)
+        if random.random() < s.gateway_trace_sample_rate:  # traced at CONVEYOR_GATEWAY_TRACE_SAMPLE_RATE
+            with tracer.start_as_current_span(
+                f"predict {model}", attributes={"conveyor.model": model}
+            ) as span:
+                answer = await _predict(model, request)
+                span.set_attributes(
+                    {"conveyor.version": answer["version"], "conveyor.route": answer["route"]}
+                )
+                return answer
+        return await _predict(model, request)
+
+    async def _predict(model: str, request: Request) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(s.gateway_request_timeout_s):

@@ -1,0 +1,284 @@
+"""Serving benchmark; prints one JSON line.
+
+One machine, one model (the trainer's small CNN on 32x32 digits, exported as the trainer exports it), served
+by the bundled tritonserver through serving's own repository code, two configs side by side: dynamic
+batching on and off. Both Triton and gateway legs start from the same PNG bytes:
+
+(a) in-process TorchScript (decode + preprocess + forward in the bench process);
+(b) Triton gRPC directly: the client decodes and preprocesses, then sends the tensor;
+(c) the gateway (``python -m services.serving.gateway``, 2 workers): the client sends the bytes.
+
+With one client: p50 latency of each leg, the gateway's added p50 over (b) (target <= 1 ms) and its CPU time
+per request. With 32 concurrent clients: throughput of (c) over (b) (on 2 cores the gateway and Triton share
+the CPU), and dynamic batching on over off for (b) (target >= 1.5x). The gateway's RSS per worker (target
+<= 300 MB).
+
+Run: ``.venv/bin/python bench/serve.py`` (``make bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from contracts.kv import RolloutState
+from contracts.names import Subjects
+from deploy.local.natsconf import ADMIN_USER
+from services.runtime.preprocessing import fit_spec, preprocess, preprocess_batch
+from services.runtime.streams import ensure_streams
+from services.serving.repository import ModelRepository
+from services.serving.triton import TritonAdmin
+from services.serving.tritonconfig import TritonOptions
+from services.trainer.export import export_torchscript
+from services.trainer.model import build_model
+from tests import images
+from tests.servers import free_port, run_nats, run_triton
+
+PREFIX = "bench"
+
+
+def progress(stage: str) -> None:
+    print(f"bench/serve.py: {stage} ...", file=sys.stderr, flush=True)
+
+
+def export_model(folder: Path, pngs: list[bytes]) -> dict[str, Any]:
+    """The trainer's small CNN, untrained (speed does not depend on weights), exported like the trainer."""
+    spec = fit_spec(pngs[:200], size=32, channels=1)
+    model = build_model("small_cnn", 1, 10, 32, seed=0).eval()
+    x = preprocess_batch(pngs[:2], spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    export_torchscript(model, x, folder / "model.pt")
+    with torch.no_grad():
+        embedding = model(torch.from_numpy(x))[1].shape[1]
+    serving_spec = {
+        "format": "torchscript",
+        "files": {"torchscript": "model.pt"},
+        "inputs": [{"name": "image", "dtype": "float32", "shape": [-1, 1, 32, 32]}],
+        "outputs": [
+            {"name": "logits", "dtype": "float32", "shape": [-1, 10]},
+            {"name": "embedding", "dtype": "float32", "shape": [-1, int(embedding)]},
+        ],
+        "max_batch_size": 64,
+        "preprocessing": spec.to_dict(),
+        "labels": [str(i) for i in range(10)],
+    }
+    (folder / "serving_spec.json").write_text(json.dumps(serving_spec))
+    return serving_spec
+
+
+def write_version(repo_root: Path, model_dir: Path, name: str, batching: bool) -> None:
+    """Version 1 of ``name`` in the repository, through serving's own repository code."""
+    repo = ModelRepository(repo_root, TritonOptions(dynamic_batching=batching, max_queue_delay_us=500))
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "files"
+        staged.mkdir()
+        for f in model_dir.iterdir():
+            (staged / f.name).write_bytes(f.read_bytes())
+        repo.install(name, 1, staged, {})
+    repo.write_config(name, {1})
+
+
+async def deploy(repo_root: Path, triton_url: str, model_dir: Path, name: str, batching: bool) -> None:
+    await asyncio.to_thread(write_version, repo_root, model_dir, name, batching)
+    admin = TritonAdmin(triton_url)
+    await admin.load(name, 120)
+    await admin.wait_ready(name, 1, 120)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+async def run_clients(
+    call: Any, payloads: list[Any], clients: int, seconds: float
+) -> tuple[float, list[float]]:
+    """``clients`` loops calling ``call(payload)`` for ``seconds``; (requests/s, latencies ms)."""
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def loop(n: int) -> None:
+        i = n
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            await call(payloads[i % len(payloads)])
+            latencies.append((time.perf_counter() - started) * 1000)
+            i += clients
+
+    began = time.perf_counter()
+    await asyncio.gather(*(loop(n) for n in range(clients)))
+    return len(latencies) / (time.perf_counter() - began), latencies
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return total
+
+
+def children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
+async def main(seconds: float) -> dict[str, Any]:
+    import tritonclient.grpc.aio as grpcclient
+
+    pngs = [d for _, _, d in images.digits_images(400)]
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        root = Path(tmp)
+        progress("exporting the model")
+        spec_doc = export_model(root / "model", pngs)
+        spec = fit_spec(pngs[:200], size=32, channels=1)
+        progress("starting nats-server and tritonserver")
+        with run_nats(root / "nats") as nats_server, run_triton(root / "triton") as triton:
+            await deploy(triton.model_repository, triton.url, root / "model", "bench", batching=True)
+            await deploy(triton.model_repository, triton.url, root / "model", "bench-nobatch", batching=False)
+            import nats
+
+            nc = await nats.connect(
+                nats_server.url, user=ADMIN_USER, password=nats_server.passwords[ADMIN_USER]
+            )
+            js = nc.jetstream()
+            await ensure_streams(js, Subjects(PREFIX), inference_max_bytes=16 * 1024**2)
+            kv = await js.key_value(Subjects(PREFIX).kv.rollout)
+            for name in ("bench", "bench-nobatch"):
+                await kv.put(
+                    name, RolloutState(model=name, active_version=1, revision=1).model_dump_json().encode()
+                )
+            await nc.close()
+
+            # (a) in process
+            module = torch.jit.load(str(root / "model" / "model.pt")).eval()
+            torch.set_num_threads(1)
+            in_process = []
+            for png in pngs[:300]:
+                started = time.perf_counter()
+                with torch.no_grad():
+                    module(torch.from_numpy(preprocess(png, spec)[None]))
+                in_process.append((time.perf_counter() - started) * 1000)
+
+            # (b) Triton gRPC directly, the client preprocessing
+            client = grpcclient.InferenceServerClient(triton.grpc_url)
+
+            def direct(model: str) -> Any:
+                async def call(png: bytes) -> None:
+                    x = preprocess(png, spec)[None]
+                    inputs = [grpcclient.InferInput("image", list(x.shape), "FP32")]
+                    inputs[0].set_data_from_numpy(x)
+                    await client.infer(model, inputs, model_version="1")
+
+                return call
+
+            # (c) the gateway, two workers
+            port = free_port()
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")} | {
+                "CONVEYOR_SUBJECT_PREFIX": PREFIX,
+                "CONVEYOR_STATE_DIR": str(root / "gateway"),
+                "CONVEYOR_NATS_URL": nats_server.url,
+                "CONVEYOR_NATS_USER": "serving",
+                "CONVEYOR_NATS_PASSWORD": nats_server.passwords["serving"],
+                "CONVEYOR_TRITON_GRPC_URL": triton.grpc_url,
+                "CONVEYOR_SERVING_MODEL_REPOSITORY": str(triton.model_repository),
+                "CONVEYOR_GATEWAY_PORT": str(port),
+                "CONVEYOR_GATEWAY_WORKERS": "2",
+                "CONVEYOR_INFERENCE_MAX_BYTES": str(16 * 1024**2),
+            }
+            progress("starting the gateway")
+            argv = [sys.executable, "-m", "services.serving.gateway"]
+            gateway = subprocess.Popen(argv, env=env)  # noqa: ASYNC220 - started once, before any measuring
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+                    for _ in range(300):
+                        try:
+                            if (await http.get("/readyz")).status_code == 200:
+                                break
+                        except httpx.TransportError:
+                            pass
+                        await asyncio.sleep(0.1)
+
+                    def through_gateway(model: str) -> Any:
+                        async def call(png: bytes) -> None:
+                            r = await http.post(
+                                f"/v1/models/{model}/predict",
+                                content=png,
+                                headers={"Content-Type": "image/png"},
+                            )
+                            r.raise_for_status()
+
+                        return call
+
+                    results: dict[str, Any] = {}
+                    for leg, factory in (("triton", direct), ("gateway", through_gateway)):
+                        for model in ("bench", "bench-nobatch"):
+                            call = factory(model)
+                            await run_clients(call, pngs, 4, 1.0)  # warm-up
+                            workers = children(gateway.pid)
+                            cpu_before = cpu_seconds(workers)
+                            progress(f"{leg} {model}: one client")
+                            rate1, lat1 = await run_clients(call, pngs, 1, seconds)
+                            cpu_per_request = (cpu_seconds(workers) - cpu_before) / max(1, len(lat1))
+                            progress(f"{leg} {model}: 32 clients")
+                            rate32, lat32 = await run_clients(call, pngs, 32, seconds)
+                            results[f"{leg}.{model}"] = {
+                                "p50_ms_1_client": round(statistics.median(lat1), 3),
+                                "rps_1_client": round(rate1, 1),
+                                "rps_32_clients": round(rate32, 1),
+                                "p99_ms_32_clients": round(percentile(lat32, 99), 2),
+                                "gateway_cpu_ms_per_request": round(cpu_per_request * 1000, 3)
+                                if leg == "gateway"
+                                else None,
+                            }
+                    rss = [round(rss_mb(pid), 1) for pid in children(gateway.pid)]
+            finally:
+                gateway.terminate()
+                gateway.wait(timeout=30)
+            await client.close()
+    b, c = results["triton.bench"], results["gateway.bench"]
+    return {
+        "bench": "serve",
+        "model": f"small_cnn 1x32x32, {spec_doc['labels'].__len__()} classes, python backend, CPU",
+        "in_process_p50_ms": round(statistics.median(in_process), 3),
+        "legs": results,
+        "gateway_added_p50_ms": round(c["p50_ms_1_client"] - b["p50_ms_1_client"], 3),
+        "gateway_cpu_ms_per_request": c["gateway_cpu_ms_per_request"],
+        "gateway_over_triton_32_clients": round(c["rps_32_clients"] / b["rps_32_clients"], 3),
+        "dynamic_batching_on_over_off_32_clients": round(
+            b["rps_32_clients"] / results["triton.bench-nobatch"]["rps_32_clients"], 3
+        ),
+        "gateway_rss_mb_per_worker": rss,
+        "cpu_cores": os.cpu_count(),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each measured run")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(main(args.seconds))))
