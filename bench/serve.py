@@ -145,7 +145,7 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in found]
 
 
-async def main(seconds: float) -> dict[str, Any]:
+async def main(seconds: float, gateway_env: dict[str, str]) -> dict[str, Any]:
     import tritonclient.grpc.aio as grpcclient
 
     pngs = [d for _, _, d in images.digits_images(400)]
@@ -207,7 +207,7 @@ async def main(seconds: float) -> dict[str, Any]:
                 "CONVEYOR_GATEWAY_PORT": str(port),
                 "CONVEYOR_GATEWAY_WORKERS": "2",
                 "CONVEYOR_INFERENCE_MAX_BYTES": str(16 * 1024**2),
-            }
+            } | gateway_env
             progress("starting the gateway")
             argv = [sys.executable, "-m", "services.serving.gateway"]
             gateway = subprocess.Popen(argv, env=env)  # noqa: ASYNC220 - started once, before any measuring
@@ -280,5 +280,13 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each measured run")
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra gateway setting, e.g. CONVEYOR_GATEWAY_INFERENCE_SAMPLE_RATE=0.1 (repeatable)",
+    )
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.seconds))))
+    extra = dict(item.split("=", 1) for item in args.gateway_env)
+    print(json.dumps(asyncio.run(main(args.seconds, extra))))
