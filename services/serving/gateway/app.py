@@ -54,8 +54,8 @@ from services.runtime.preprocessing import (
     ImageDecodeError,
     UnsupportedImageFormat,
     image_stats,
+    normalise,
     prepare,
-    preprocess_batch,
 )
 from services.runtime.telemetry import get_logger
 from services.serving.gateway.catalog import Catalog, ServedSpec
@@ -169,8 +169,9 @@ class Gateway:
             raise ApiError(503, "not_deployed", f"model {model!r} has no version to serve yet", RETRY_AFTER_S)
         version, route = chosen
         spec = self._spec(model, version)
+        sampled = self.inference_log.sampled()
         try:
-            batch = await asyncio.to_thread(preprocess_batch, images, spec.preprocessing)
+            batch, stats = await asyncio.to_thread(_prepare_all, images, spec, sampled)
         except UnsupportedImageFormat as exc:
             raise ApiError(415, "unsupported_image", str(exc)) from exc
         except ImageDecodeError as exc:
@@ -191,7 +192,7 @@ class Gateway:
             for i in range(len(images))
         ]
         self._keep(model, version, ids, images, [spec.labels[int(i)] for i in top])
-        samples = self._samples(images, spec, answer, predictions, ids)
+        samples = self._samples(stats, answer, predictions, ids) if sampled else []
         if mirror(state, version) is not None:
             try:
                 self.shadow_queue.put_nowait((model, batch, answer, samples))
@@ -387,42 +388,26 @@ class Gateway:
         self._log(model, samples)
 
     def _samples(
-        self,
-        images: list[bytes],
-        spec: ServedSpec,
-        answer: Answer,
-        predictions: list[dict[str, Any]],
-        ids: list[str],
+        self, stats: list[ImageStats], answer: Answer, predictions: list[dict[str, Any]], ids: list[str]
     ) -> list[InferenceSample]:
-        if not self.inference_log.sampled():
-            return []
         now = datetime.now(UTC)
-        samples = []
-        for i, image in enumerate(images):
-            try:
-                st = image_stats(prepare(image, spec.preprocessing))
-                stats = ImageStats.model_construct(
-                    mean=st["mean"], std=st["std"], contrast=st["contrast"], sharpness=st["sharpness"]
-                )
-            except ImageDecodeError:
-                stats = None
-            samples.append(
-                InferenceSample.model_construct(
-                    prediction_id=ids[i],
-                    time=now,
-                    version=answer.version,
-                    route=answer.route,
-                    latency_ms=answer.latency_ms,
-                    ok=True,
-                    error=None,
-                    label=predictions[i]["label"],
-                    confidence=predictions[i]["confidence"],
-                    image_stats=stats,
-                    embedding=answer.embedding[i].tolist() if answer.embedding is not None else None,
-                    shadow=None,
-                )
+        return [
+            InferenceSample.model_construct(
+                prediction_id=ids[i],
+                time=now,
+                version=answer.version,
+                route=answer.route,
+                latency_ms=answer.latency_ms,
+                ok=True,
+                error=None,
+                label=predictions[i]["label"],
+                confidence=predictions[i]["confidence"],
+                image_stats=stats[i],
+                embedding=answer.embedding[i].tolist() if answer.embedding is not None else None,
+                shadow=None,
             )
-        return samples
+            for i in range(len(ids))
+        ]
 
     def _log(self, model: str, samples: list[InferenceSample]) -> None:
         for sample in samples:
@@ -440,6 +425,30 @@ class Gateway:
         except Exception:
             return False
         return True
+
+
+def _prepare_all(
+    images: list[bytes], spec: ServedSpec, with_stats: bool
+) -> tuple[np.ndarray, list[ImageStats]]:
+    """The model's input batch, decoding each image once; its statistics too for a sampled request (on
+    ``prepare``'s output, as the trainer computed the reference profile)."""
+    pre = spec.preprocessing
+    batch = np.empty((len(images), pre.channels, pre.size, pre.size), dtype=np.float32)
+    stats = []
+    for index, image in enumerate(images):
+        try:
+            prepared = prepare(image, pre)
+        except ImageDecodeError as exc:
+            raise type(exc)(f"image {index}: {exc}") from exc
+        normalise(prepared, pre, out=batch[index])
+        if with_stats:
+            st = image_stats(prepared)
+            stats.append(
+                ImageStats.model_construct(
+                    mean=st["mean"], std=st["std"], contrast=st["contrast"], sharpness=st["sharpness"]
+                )
+            )
+    return batch, stats
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
