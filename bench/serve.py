@@ -196,18 +196,22 @@ async def main(seconds: float, gateway_env: dict[str, str]) -> dict[str, Any]:
 
             # (c) the gateway, two workers
             port = free_port()
-            env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")} | {
-                "CONVEYOR_SUBJECT_PREFIX": PREFIX,
-                "CONVEYOR_STATE_DIR": str(root / "gateway"),
-                "CONVEYOR_NATS_URL": nats_server.url,
-                "CONVEYOR_NATS_USER": "serving",
-                "CONVEYOR_NATS_PASSWORD": nats_server.passwords["serving"],
-                "CONVEYOR_TRITON_GRPC_URL": triton.grpc_url,
-                "CONVEYOR_SERVING_MODEL_REPOSITORY": str(triton.model_repository),
-                "CONVEYOR_GATEWAY_PORT": str(port),
-                "CONVEYOR_GATEWAY_WORKERS": "2",
-                "CONVEYOR_INFERENCE_MAX_BYTES": str(16 * 1024**2),
-            } | gateway_env
+            env = (
+                {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+                | {
+                    "CONVEYOR_SUBJECT_PREFIX": PREFIX,
+                    "CONVEYOR_STATE_DIR": str(root / "gateway"),
+                    "CONVEYOR_NATS_URL": nats_server.url,
+                    "CONVEYOR_NATS_USER": "serving",
+                    "CONVEYOR_NATS_PASSWORD": nats_server.passwords["serving"],
+                    "CONVEYOR_TRITON_GRPC_URL": triton.grpc_url,
+                    "CONVEYOR_SERVING_MODEL_REPOSITORY": str(triton.model_repository),
+                    "CONVEYOR_GATEWAY_PORT": str(port),
+                    "CONVEYOR_GATEWAY_WORKERS": "2",
+                    "CONVEYOR_INFERENCE_MAX_BYTES": str(16 * 1024**2),
+                }
+                | gateway_env
+            )
             progress("starting the gateway")
             argv = [sys.executable, "-m", "services.serving.gateway"]
             gateway = subprocess.Popen(argv, env=env)  # noqa: ASYNC220 - started once, before any measuring
