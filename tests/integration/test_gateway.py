@@ -204,7 +204,7 @@ def digit_png(index: int = 0) -> tuple[str, bytes]:
     return label, data
 
 
-async def test_predictions_through_the_gateway_equal_the_torchscript(world, trained):
+async def test_predictions_through_the_gateway_equal_the_torchscript(world, trained, tmp_path):
     async with world.gateway():
         event, local = trained
         await world.route(active_version=1)
@@ -249,6 +249,33 @@ async def test_predictions_through_the_gateway_equal_the_torchscript(world, trai
         samples = [s for e in world.logged for s in e.samples]
         assert len(samples) == 1 + 2 * len(items)
         assert all(s.version == 1 and s.route == "active" and s.embedding and s.image_stats for s in samples)
+
+        # `conveyor predict` as a user runs it, against the same gateway
+        files = []
+        for i, (_, _, data) in enumerate(items[:3]):
+            files.append(tmp_path / f"digit-{i}.png")
+            files[-1].write_bytes(data)
+        env = world.env | {"CONVEYOR_GATEWAY_URL": str(world.http.base_url), "CONVEYOR_GATEWAY_API_KEY": KEY}
+        cli = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "deploy.local.cli", "predict", world.model, *map(str, files), "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.returncode == 0, cli.stderr
+        labels = [p["label"] for p in json.loads(cli.stdout)["predictions"]]
+        assert labels == [spec["labels"][i] for i in expected[:3].argmax(1)]
+        denied = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "deploy.local.cli", "predict", world.model, str(files[0])],
+            env=env | {"CONVEYOR_GATEWAY_API_KEY": "wrong"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert denied.returncode == 1 and "unauthorized" in denied.stderr
 
 
 async def test_a_canary_takes_its_share_stickily_and_a_switch_under_load_fails_nothing(world, trained):
