@@ -35,6 +35,7 @@ class InferenceLogger:
     ) -> None:
         self.bus = bus
         self.sample_rate = sample_rate
+        self.rates: dict[str, float] = {}  # models sampled at their own policy's rate
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.max_buffered = max_buffered
@@ -55,9 +56,14 @@ class InferenceLogger:
             "conveyor_inference_samples_published", "Samples published in inference.logged", registry=registry
         )
 
-    def sampled(self) -> bool:
-        """Whether this request should be logged (decide before computing its statistics)."""
-        return self.sample_rate >= 1.0 or random.random() < self.sample_rate
+    def sampled(self, model: str | None = None, rate: float | None = None) -> bool:
+        """Whether this request should be logged (decide before computing its statistics); ``rate``
+        overrides the logger's for ``model`` (its own policy), and its batches say so."""
+        if rate is None:
+            rate = self.sample_rate
+        elif model is not None:
+            self.rates[model] = rate
+        return rate >= 1.0 or random.random() < rate
 
     def log(self, model: str, sample: InferenceSample) -> bool:
         """Buffer one sample; False (and counted) when the buffer is full. Never blocks.
@@ -107,7 +113,10 @@ class InferenceLogger:
 
     async def _publish(self, model: str, batch: list[InferenceSample]) -> None:
         event = InferenceLogged(
-            model=model, batch_id=uuid.uuid4().hex, sample_rate=self.sample_rate, samples=batch
+            model=model,
+            batch_id=uuid.uuid4().hex,
+            sample_rate=self.rates.get(model, self.sample_rate),
+            samples=batch,
         )
         try:
             await self.bus.publish(event)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from contracts.events import DatasetVersioned, InferenceLogged, ModelDeployed, ModelPromoted, ModelTrained
-from contracts.kv import RolloutPlan, RolloutState
+from contracts.kv import ModelPolicy, RolloutPlan, RolloutState
 from deploy.local.natsconf import ADMIN_USER
 from services.runtime.bus import EventBus
 from services.runtime.config import Settings
@@ -418,6 +418,22 @@ async def test_bad_requests_get_clear_codes(world, trained):
             assert response.json()["detail"], name
         ok = await world.predict(png)
         assert ok.status_code == 200  # and the gateway still answers
+
+        # A model's own policy sets its sampling: at 0, no prediction of it is logged.
+        kv = await world.admin.js.key_value(world.admin.subjects.kv.policy)
+        policy = ModelPolicy(model=world.model, sampling={"inference_log_rate": 0.0})
+        await kv.put(world.model, policy.model_dump_json().encode())
+        for _ in range(200):
+            sampling = (await world.http.get("/v1/models")).json()["sampling"].get(world.model)
+            if sampling and sampling["inference_log_rate"] == 0.0:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(1.0)  # every worker follows; earlier samples are flushed
+        before = sum(len(e.samples) for e in world.logged)
+        answered = [await world.predict(png) for _ in range(20)]
+        assert all(r.status_code == 200 for r in answered)
+        await asyncio.sleep(1.5)
+        assert sum(len(e.samples) for e in world.logged) == before
 
 
 async def test_feedback_becomes_labelled_data_that_ingest_versions(

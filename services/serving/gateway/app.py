@@ -92,7 +92,8 @@ class Gateway:
 
         self.settings = settings
         self.bus = bus or EventBus(settings.model_copy(update={"service": "gateway"}))
-        self.catalog = Catalog(lambda: self.bus.js, settings.subjects.kv.rollout, settings.model_repository)
+        kv = settings.subjects.kv
+        self.catalog = Catalog(lambda: self.bus.js, kv.rollout, kv.policy, settings.model_repository)
         self.grpc = grpcclient
         self._clients = [
             grpcclient.InferenceServerClient(settings.triton_grpc_url)
@@ -169,7 +170,8 @@ class Gateway:
             raise ApiError(503, "not_deployed", f"model {model!r} has no version to serve yet", RETRY_AFTER_S)
         version, route = chosen
         spec = self._spec(model, version)
-        sampled = self.inference_log.sampled()
+        policy = self.catalog.sampling(model)
+        sampled = self.inference_log.sampled(model, policy.inference_log_rate if policy else None)
         try:
             batch, stats = await asyncio.to_thread(_prepare_all, images, spec, sampled)
         except UnsupportedImageFormat as exc:
@@ -559,7 +561,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def predict(model: str, request: Request) -> dict[str, Any]:
         """Classify one image or a batch; see the module docs for the encodings."""
         authorize(request)
-        if random.random() < s.gateway_trace_sample_rate:  # traced at CONVEYOR_GATEWAY_TRACE_SAMPLE_RATE
+        policy = gateway.catalog.sampling(model)
+        rate = policy.trace_sample_rate if policy else s.gateway_trace_sample_rate
+        if random.random() < rate:  # the model's policy (sampling.trace_sample_rate), else the gateway's
             with tracer.start_as_current_span(
                 f"predict {model}", attributes={"conveyor.model": model}
             ) as span:
@@ -605,7 +609,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"models": {m: st.model_dump(mode="json") for m, st in sorted(gateway.catalog.states.items())}}
+        catalog = gateway.catalog
+        return {
+            "models": {m: st.model_dump(mode="json") for m, st in sorted(catalog.states.items())},
+            "sampling": {m: p.sampling.model_dump() for m, p in sorted(catalog.policies.values.items())},
+        }
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -1,5 +1,6 @@
-"""What the gateway knows of each model: its rollout state, followed live from NATS KV (the registry writes
-it), and the serving spec of each version (from the model repository serving wrote).
+"""What the gateway knows of each model: its rollout state (the registry writes it) and its policy (for the
+sampling rates), both followed live from NATS KV, and the serving spec of each version (from the model
+repository serving wrote).
 
 Every worker keeps its own copy and swaps a model's state in one assignment, so a blue/green switch is
 atomic for each request: a request reads the state once and is answered by the version it chose.
@@ -13,16 +14,19 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from contracts.kv import RolloutState
+from contracts.kv import ModelPolicy, RolloutState, SamplingPolicy
 from services.runtime.kvstore import LazyBucket
 from services.runtime.preprocessing import PreprocessSpec
 from services.runtime.telemetry import get_logger
 
-__all__ = ["Catalog", "ServedSpec"]
+__all__ = ["Catalog", "Followed", "ServedSpec"]
+
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -32,16 +36,15 @@ class ServedSpec:
     input: str
 
 
-class Catalog(LazyBucket):
-    """``await start()`` loads every model's state, then follows the changes."""
+class Followed(LazyBucket, Generic[V]):
+    """Every key's value of one KV bucket, loaded in full at start, then kept current by a watcher."""
 
-    def __init__(self, js: Callable[[], JetStreamContext], bucket: str, repository: Path) -> None:
+    def __init__(self, js: Callable[[], JetStreamContext], bucket: str, parse: Callable[[bytes], V]) -> None:
         super().__init__(js, bucket)
-        self.repository = repository
-        self.states: dict[str, RolloutState] = {}
-        self._specs: dict[tuple[str, int], ServedSpec] = {}
+        self.parse = parse
+        self.values: dict[str, V] = {}
         self._task: asyncio.Task[None] | None = None
-        self.log = get_logger(component="catalog")
+        self.log = get_logger(component="catalog", bucket=bucket)
 
     async def start(self) -> None:
         for key, raw in (await self.current()).items():
@@ -68,19 +71,46 @@ class Catalog(LazyBucket):
 
     def _apply(self, key: str, raw: bytes | None) -> None:
         if not raw:
-            self.states.pop(key, None)
+            self.values.pop(key, None)
             return
         try:
-            state = RolloutState.model_validate_json(raw)
+            value = self.parse(raw)
         except ValueError as exc:
-            self.log.error("unreadable rollout state ignored", model=key, error=str(exc))
+            self.log.error("unreadable value ignored", key=key, error=str(exc))
             return
-        current = self.states.get(key)
-        if current is None or state.revision >= current.revision:
-            self.states[key] = state  # one assignment: requests see the old or the new state, whole
+        current = self.values.get(key)
+        revision = getattr(value, "revision", None)
+        if current is None or revision is None or revision >= getattr(current, "revision", 0):
+            self.values[key] = value  # one assignment: requests see the old or the new value, whole
+
+
+class Catalog:
+    """``await start()`` loads every model's rollout state and policy, then follows the changes."""
+
+    def __init__(
+        self, js: Callable[[], JetStreamContext], rollout_bucket: str, policy_bucket: str, repository: Path
+    ) -> None:
+        self.repository = repository
+        self.rollouts = Followed(js, rollout_bucket, RolloutState.model_validate_json)
+        self.policies = Followed(js, policy_bucket, ModelPolicy.model_validate_json)
+        self.states = self.rollouts.values
+        self._specs: dict[tuple[str, int], ServedSpec] = {}
+
+    async def start(self) -> None:
+        await self.rollouts.start()
+        await self.policies.start()
+
+    async def stop(self) -> None:
+        await self.rollouts.stop()
+        await self.policies.stop()
 
     def state(self, model: str) -> RolloutState | None:
         return self.states.get(model)
+
+    def sampling(self, model: str) -> SamplingPolicy | None:
+        """The model's sampling rates when a policy was applied for it (else the gateway's settings rule)."""
+        policy = self.policies.values.get(model)
+        return policy.sampling if policy is not None else None
 
     def known(self, model: str) -> bool:
         return model in self.states or (self.repository / model).is_dir()
