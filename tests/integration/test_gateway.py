@@ -204,8 +204,17 @@ def digit_png(index: int = 0) -> tuple[str, bytes]:
     return label, data
 
 
-async def test_predictions_through_the_gateway_equal_the_torchscript(world, trained, tmp_path):
-    async with world.gateway():
+async def test_predictions_through_the_gateway_equal_the_torchscript(world, trained, tmp_path, mlflow_server):
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=mlflow_server.url)
+    experiment = mlflow.create_experiment(f"gateway-{world.model}")
+    tracing = {  # every predict traced, to MLflow's trace store as the stack does
+        "CONVEYOR_GATEWAY_TRACE_SAMPLE_RATE": "1.0",
+        "CONVEYOR_OTLP_ENDPOINT": f"{mlflow_server.url}/v1/traces",
+        "CONVEYOR_OTLP_HEADERS": json.dumps({"x-mlflow-experiment-id": experiment}),
+    }
+    async with world.gateway(**tracing):
         event, local = trained
         await world.route(active_version=1)
         await world.deploy(event, 1, 1)
@@ -276,6 +285,14 @@ async def test_predictions_through_the_gateway_equal_the_torchscript(world, trai
             timeout=60,
         )
         assert denied.returncode == 1 and "unauthorized" in denied.stderr
+    names: set[str] = set()
+    for _ in range(60):  # spans leave in batches; the workers flush them when they stop
+        traces = await asyncio.to_thread(mlflow.search_traces, locations=[experiment])
+        names = {span.name for trace in traces for span in trace.data.spans}
+        if f"predict {world.model}" in names:
+            break
+        await asyncio.sleep(0.5)
+    assert f"predict {world.model}" in names, names
 
 
 async def test_a_canary_takes_its_share_stickily_and_a_switch_under_load_fails_nothing(world, trained):

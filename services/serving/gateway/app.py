@@ -160,6 +160,7 @@ class Gateway:
         for client in self._clients:
             await client.close()
         await self.bus.broker.stop()
+        self.bus.flush()  # the traces still batched
 
     # ---- predict -----------------------------------------------------------------------------------------
 
