@@ -33,6 +33,9 @@ class ServingSettings(Settings):
     serving_max_batch_size: int = Field(64, ge=1)
     serving_load_timeout_s: float = Field(120.0, gt=0, description="a version must load within this")
     serving_keep_versions: int = Field(5, ge=1, description="version folders kept on disk for fast rollbacks")
+    serving_reconcile_interval_s: float = Field(
+        3.0, gt=0, description="how often routed versions are checked to be loaded (hand-set routes)"
+    )
 
     @property
     def model_repository(self) -> Path:

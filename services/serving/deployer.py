@@ -11,7 +11,9 @@ On ``model.promoted`` (staging, canary, champion or shadow):
    back, so the versions that served keep serving.
 
 On ``model.rolled_back`` the versions the routes now need are loaded again (from disk, no download): a
-champion rollback answers ``model.deployed`` for the version it went back to.
+champion rollback answers ``model.deployed`` for the version it went back to. A route set by hand
+(``conveyor route``) to a version on disk but not loaded is loaded by ``reconcile``, which the service runs
+every few seconds against the rollout states.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Deployer:
     def __post_init__(self) -> None:
         self.log = get_logger(component="deployer")
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._told: set[tuple[str, frozenset[int]]] = set()
 
     async def on_promoted(self, event: ModelPromoted) -> Event | None:
         if event.to_stage not in DEPLOYED_STAGES:
@@ -138,6 +141,30 @@ class Deployer:
                 load_seconds=round(time.monotonic() - started, 3),
                 smoke_latency_ms=latency,
             )
+
+    async def reconcile(self, model: str, routed: set[int]) -> list[int] | None:
+        """Load the routed versions the config lacks (a route set by hand), from disk; None when nothing
+        was missing, none of them is on disk, or they failed to load before (each case is logged once)."""
+        async with self._locks[model]:
+            listed = self.repository.listed(model)
+            missing = routed - set(listed)
+            key = (model, frozenset(missing))
+            if not missing or key in self._told:
+                return None
+            available = missing & set(self.repository.on_disk(model))
+            if not available:
+                self._told.add(key)
+                self.log.info("routed versions not deployed here yet", model=model, versions=sorted(missing))
+                return None
+            try:
+                loaded = await self._load(model, set(listed) | available, None)
+            except DeployFailed as exc:
+                self._told.add(key)
+                self.log.error("could not load the routed versions", model=model, reason=exc.reason)
+                await self._restore(model, listed)
+                return None
+            self.log.info("loaded the versions a route needs", model=model, loaded=loaded)
+            return loaded
 
     async def _fetch(self, event: ModelPromoted) -> None:
         shas = {name: ref.sha256 for name, ref in event.artifacts.items()}

@@ -69,6 +69,7 @@ async def world(
         nats_password=nats_server.passwords["serving"],
         serving_model_repository=triton_server.model_repository,
         serving_gpu="false",
+        serving_reconcile_interval_s=0.5,
     )
     admin = Settings(
         **common, service="tests", nats_user=ADMIN_USER, nats_password=nats_server.passwords[ADMIN_USER]
@@ -230,6 +231,16 @@ async def test_new_versions_load_beside_the_routed_ones_and_a_rollback_reloads_f
             )
         )
         await seen.wait(lambda: len(seen.events) == 4)
+        # A route set by hand to a version on disk but unloaded: serving loads it within a few rounds.
+        await route(bus, RolloutState(model=model, active_version=1, shadow_version=2))
+        for _ in range(200):
+            ready = await asyncio.to_thread(
+                httpx.get, f"{triton_server.url}/v2/models/{model}/versions/2/ready", timeout=10
+            )
+            if ready.status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert ready.status_code == 200
     loaded = [(e.version, e.stage, e.loaded_versions) for e in seen.of(ModelDeployed)]
     assert loaded == [
         (1, "champion", [1]),
