@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 
 from faststream.asgi import AsgiFastStream
@@ -22,6 +21,7 @@ from services.ingest.validation import Limits
 from services.ingest.versioning import DataRepository, Ingestor
 from services.runtime.bus import EventBus
 from services.runtime.service import build_app
+from services.runtime.tasks import cancel
 from services.runtime.telemetry import get_logger
 
 __all__ = ["IngestService", "build"]
@@ -94,9 +94,7 @@ class IngestService:
     async def stop(self) -> None:
         self.ready = False
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel(task)
 
     async def run_batches(self) -> None:
         while True:

@@ -7,7 +7,6 @@ Ready when Triton is live. The gateway is a process of its own (``python -m serv
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 
 from faststream.asgi import AsgiFastStream
@@ -19,6 +18,7 @@ from services.runtime.bus import EventBus
 from services.runtime.consumer import Delivery, kept_alive
 from services.runtime.rollouts import Rollouts, routed_versions
 from services.runtime.service import build_app
+from services.runtime.tasks import cancel
 from services.runtime.telemetry import get_logger
 from services.serving.config import ServingSettings
 from services.serving.deployer import Deployer
@@ -57,10 +57,7 @@ class ServingService:
         self._reconciling = asyncio.create_task(self.reconcile_forever())
 
     async def stop(self) -> None:
-        if self._reconciling is not None:
-            self._reconciling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconciling
+        await cancel(self._reconciling)
 
     async def reconcile_forever(self) -> None:
         """Every few seconds: the routed versions of every model are loaded (a hand-set route included)."""

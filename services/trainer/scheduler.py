@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from services.runtime.tasks import cancel
+
 __all__ = ["Scheduler"]
 
 J = TypeVar("J")
@@ -69,5 +71,4 @@ class Scheduler(Generic[J, R]):
 
     async def close(self) -> None:
         for task in self._workers.values():
-            task.cancel()
-        await asyncio.gather(*self._workers.values(), return_exceptions=True)
+            await cancel(task)

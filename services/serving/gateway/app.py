@@ -57,6 +57,7 @@ from services.runtime.preprocessing import (
     normalise,
     prepare,
 )
+from services.runtime.tasks import cancel
 from services.runtime.telemetry import get_logger
 from services.serving.gateway.catalog import Catalog, ServedSpec
 from services.serving.gateway.config import GatewaySettings
@@ -152,7 +153,7 @@ class Gateway:
 
     async def stop(self) -> None:
         for task in self._shadow_tasks:
-            task.cancel()
+            await cancel(task)
         await self.catalog.stop()
         await self.inference_log.stop()
         if self._keeping:

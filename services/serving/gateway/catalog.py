@@ -22,6 +22,7 @@ from nats.js.kv import KeyValue
 from contracts.kv import ModelPolicy, RolloutState, SamplingPolicy
 from services.runtime.kvstore import LazyBucket
 from services.runtime.preprocessing import PreprocessSpec
+from services.runtime.tasks import cancel
 from services.runtime.telemetry import get_logger
 
 __all__ = ["Catalog", "Followed", "ServedSpec"]
@@ -53,10 +54,7 @@ class Followed(LazyBucket, Generic[V]):
         self._task = asyncio.create_task(self._follow(watcher))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
 
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         try:
