@@ -337,7 +337,7 @@ class Registrar:
                     seq=seq,
                     actor=change.entry.actor,
                 )
-                events = await self._events(change.entry, seq, policy)
+                events = await self._events(change.entry, seq, policy, state)
                 return Committed(change.entry, seq, change.rollout, events)
         raise TransientError(f"the audit log of {model} kept changing; trying again later")
 
@@ -348,16 +348,19 @@ class Registrar:
         ]
         if not entries:
             return []
-        policy = await self.policies.get(model)
+        policy, state = await self.policies.get(model), await self._state(model)
         events = []
         for seq, entry in entries:
-            events += await self._events(entry, seq, policy)
+            events += await self._events(entry, seq, policy, state)
         return events
 
-    async def _events(self, entry: AuditEntry, seq: int, policy: ModelPolicy) -> list[Event]:
+    async def _events(
+        self, entry: AuditEntry, seq: int, policy: ModelPolicy, state: ModelState
+    ) -> list[Event]:
+        """The event of a committed entry; ``state`` is the model as read for it (its versions' runs and
+        tags do not change with the entry's writes)."""
         assert entry.version is not None or entry.kind == "rollout"
         if entry.kind == "transition" and entry.to_stage is not None and entry.version is not None:
-            state = await self._state(entry.model)
             info = state.versions.get(entry.version)
             artifacts = await asyncio.to_thread(self.store.artifacts, entry.model, info) if info else {}
             return [
