@@ -32,7 +32,8 @@ from contracts.events import (
     ModelTrainingFailed,
 )
 from deploy.local.config import StackSettings
-from services.ingest.cli import s3_client, show_version, upload_dir
+from services.ingest.cli import show_version, upload_dir
+from services.runtime.s3 import s3_client
 from services.runtime.versions import read_versions
 
 __all__ = ["digit_pngs", "run_demo", "write_digits"]

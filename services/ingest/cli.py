@@ -20,23 +20,13 @@ from rich.table import Table
 from contracts.events import DatasetVersioned
 from contracts.names import ModelRef, validate_name
 from services.runtime.config import Settings
+from services.runtime.s3 import s3_client
 from services.runtime.versions import read_versions
 
 __all__ = ["datasets_command", "upload_command", "upload_dir"]
 
 console = Console()
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
-
-
-def s3_client(settings: Settings) -> Minio:
-    endpoint = settings.s3_endpoint
-    return Minio(
-        endpoint.removeprefix("https://").removeprefix("http://").rstrip("/"),
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key.get_secret_value(),
-        secure=endpoint.startswith("https://"),
-        region=settings.s3_region,
-    )
 
 
 def imagefolder_files(root: Path) -> list[tuple[str, Path]]:

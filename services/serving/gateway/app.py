@@ -26,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import io
 import itertools
 import json
 import os
@@ -57,6 +58,7 @@ from services.runtime.preprocessing import (
     normalise,
     prepare,
 )
+from services.runtime.s3 import s3_client
 from services.runtime.tasks import cancel
 from services.runtime.telemetry import get_logger
 from services.serving.gateway.catalog import Catalog, ServedSpec
@@ -109,6 +111,7 @@ class Gateway:
         self.policies = Policies(lambda: self.bus.js, settings.subjects.kv.policy)
         self._keeping: set[asyncio.Task[None]] = set()
         self._store: Any = None
+        self.s3 = s3_client(settings)  # feedback images go to the incoming bucket
         self.log = get_logger(component="gateway")
         self.metrics = CollectorRegistry()
         self.requests = Counter(
@@ -242,7 +245,6 @@ class Gateway:
 
     async def feedback(self, model: str, prediction_id: str, label: str) -> dict[str, Any]:
         """Store the image of an earlier prediction under its true label and tell the monitor."""
-        from minio import Minio
         from nats.js.errors import NotFoundError, ObjectNotFoundError
 
         self.state_of(model)
@@ -269,18 +271,9 @@ class Gateway:
         dataset = (await self.policies.get(model)).dataset_name
         key = f"{dataset}/{label}/feedback-{prediction_id}.{extension}"
         s = self.settings
-        client = Minio(
-            s.s3_endpoint.split("://", 1)[-1],
-            access_key=s.s3_access_key,
-            secret_key=s.s3_secret_key.get_secret_value(),
-            secure=s.s3_endpoint.startswith("https://"),
-            region=s.s3_region,
-        )
-        import io
-
         try:
             await asyncio.to_thread(
-                client.put_object,
+                self.s3.put_object,
                 s.incoming_bucket,
                 key,
                 io.BytesIO(data),
