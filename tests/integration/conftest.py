@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from contracts.events import DatasetRef, ModelTrained
+from contracts.events import DatasetRef, DatasetVersioned, ModelTrained
 from contracts.kv import Hyperparameters, ModelPolicy
 from deploy.local.natsconf import ADMIN_USER
 from services.ingest.datarepo import DataRepo
@@ -50,22 +50,30 @@ async def admin_bus(service_settings: Callable[..., Settings]) -> AsyncIterator[
 
 
 @pytest.fixture(scope="session")
-def trained(
-    tmp_path_factory: pytest.TempPathFactory, s3_server: Any, mlflow_server: Any
-) -> tuple[ModelTrained, Path]:
-    """One digits model trained by the trainer's own pipeline (once per session), and its downloaded
-    model/ folder: what serving and the gateway tests deploy."""
-    tmp = tmp_path_factory.mktemp("serving-data")
+def digits_v1(tmp_path_factory: pytest.TempPathFactory, s3_server: Any) -> DatasetVersioned:
+    """digits@1 (all 1,797 images) in a real DVC repository, made the way ingest makes a version; shared by
+    the tests that train on it (the registry's, and the model that serving and the gateway deploy)."""
+    tmp = tmp_path_factory.mktemp("digits-data")
     repo = DataRepo(
         tmp / "repo",
         (tmp / "data.git").as_uri(),
-        "s3://dvc/serving-tests",
+        "s3://dvc/digits-tests",
         s3_server.endpoint,
         s3_server.access_key,
         s3_server.secret_key,
     )
     repo.ensure()
-    versioned = commit_version(repo, images.digits_images(), 1)
+    return commit_version(repo, images.digits_images(), 1)
+
+
+@pytest.fixture(scope="session")
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, s3_server: Any, mlflow_server: Any, digits_v1: DatasetVersioned
+) -> tuple[ModelTrained, Path]:
+    """One digits model trained by the trainer's own pipeline (once per session), and its downloaded
+    model/ folder: what serving and the gateway tests deploy."""
+    tmp = tmp_path_factory.mktemp("serving-model")
+    versioned = digits_v1
     tracker = MlflowTracker(mlflow_server.url)
     remote = S3Remote(s3_server.endpoint, s3_server.access_key, s3_server.secret_key)
     job = TrainJob(

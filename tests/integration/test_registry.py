@@ -21,6 +21,7 @@ from contracts.envelope import Event, encode
 from contracts.events import (
     CanaryVerdict,
     DatasetRef,
+    DatasetVersioned,
     ModelDeployed,
     ModelPromoted,
     ModelRejected,
@@ -29,7 +30,6 @@ from contracts.events import (
 )
 from contracts.kv import GatePolicy, Hyperparameters, ModelPolicy, RolloutPolicy, RolloutState
 from deploy.local.natsconf import ADMIN_USER
-from services.ingest.datarepo import DataRepo
 from services.registry.app import build
 from services.registry.audit import AuditLog
 from services.registry.config import RegistrySettings
@@ -39,8 +39,6 @@ from services.runtime.consumer import Delivery
 from services.runtime.datasets import S3Remote
 from services.trainer.pipeline import Pipeline, TrainJob
 from services.trainer.tracking import MlflowTracker
-from tests import images
-from tests.flows import commit_version
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,29 +47,12 @@ BAD = Hyperparameters(epochs=1, early_stopping_patience=0, batch_size=64, learni
 TOKEN = "registry-test-token"
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory, s3_server: Any) -> dict[str, Any]:
-    """One digits dataset version in a real DVC repository, shared by this module's tests."""
-    tmp = tmp_path_factory.mktemp("registry-data")
-    repo = DataRepo(
-        tmp / "repo",
-        (tmp / "data.git").as_uri(),
-        "s3://dvc/registry-tests",
-        s3_server.endpoint,
-        s3_server.access_key,
-        s3_server.secret_key,
-    )
-    repo.ensure()
-    event = commit_version(repo, images.digits_images(), 1)
-    return {"event": event, "tmp": tmp}
-
-
 class World:
     """A model of this test's own, trained by the trainer's pipeline, and the registry's view of it."""
 
-    def __init__(self, settings: RegistrySettings, admin: Settings, dataset: dict[str, Any], model: str):
+    def __init__(self, settings: RegistrySettings, admin: Settings, versioned: DatasetVersioned, model: str):
         self.settings, self.admin_settings, self.model = settings, admin, model
-        self.versioned = dataset["event"]
+        self.versioned = versioned
         remote = S3Remote.from_settings(settings)
         self.tracker = MlflowTracker(settings.mlflow_url)
         self.pipeline = Pipeline(self.tracker, remote, settings.state_dir / "trainer-cache")
@@ -120,7 +101,12 @@ class World:
 
 @pytest.fixture
 async def world(
-    nats_server: Any, s3_server: Any, mlflow_server: Any, prefix: str, tmp_path: Path, dataset: dict[str, Any]
+    nats_server: Any,
+    s3_server: Any,
+    mlflow_server: Any,
+    prefix: str,
+    tmp_path: Path,
+    digits_v1: DatasetVersioned,
 ) -> AsyncIterator[tuple[World, EventBus]]:
     common = {
         "subject_prefix": prefix,
@@ -139,7 +125,7 @@ async def world(
     admin = Settings(
         **common, service="tests", nats_user=ADMIN_USER, nats_password=nats_server.passwords[ADMIN_USER]
     )
-    w = World(settings, admin, dataset, f"digits-{prefix}")
+    w = World(settings, admin, digits_v1, f"digits-{prefix}")
 
     async def collect(event: Event, _: Delivery) -> None:
         {ModelPromoted: w.promoted, ModelRejected: w.rejected, ModelRolledBack: w.rolled_back}[
