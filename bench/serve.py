@@ -47,7 +47,7 @@ from services.serving.tritonconfig import TritonOptions
 from services.trainer.export import export_torchscript
 from services.trainer.model import build_model
 from tests import images
-from tests.servers import free_port, run_nats, run_triton
+from tests.servers import free_port, gateway_env, run_nats, run_triton
 
 PREFIX = "bench"
 
@@ -145,7 +145,7 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in found]
 
 
-async def main(seconds: float, gateway_env: dict[str, str]) -> dict[str, Any]:
+async def main(seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
     import tritonclient.grpc.aio as grpcclient
 
     pngs = [d for _, _, d in images.digits_images(400)]
@@ -196,22 +196,8 @@ async def main(seconds: float, gateway_env: dict[str, str]) -> dict[str, Any]:
 
             # (c) the gateway, two workers
             port = free_port()
-            env = (
-                {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-                | {
-                    "CONVEYOR_SUBJECT_PREFIX": PREFIX,
-                    "CONVEYOR_STATE_DIR": str(root / "gateway"),
-                    "CONVEYOR_NATS_URL": nats_server.url,
-                    "CONVEYOR_NATS_USER": "serving",
-                    "CONVEYOR_NATS_PASSWORD": nats_server.passwords["serving"],
-                    "CONVEYOR_TRITON_GRPC_URL": triton.grpc_url,
-                    "CONVEYOR_SERVING_MODEL_REPOSITORY": str(triton.model_repository),
-                    "CONVEYOR_GATEWAY_PORT": str(port),
-                    "CONVEYOR_GATEWAY_WORKERS": "2",
-                    "CONVEYOR_INFERENCE_MAX_BYTES": str(16 * 1024**2),
-                }
-                | gateway_env
-            )
+            env = gateway_env(PREFIX, root / "gateway", nats_server, triton)
+            env |= {"CONVEYOR_GATEWAY_PORT": str(port)} | extra_env
             progress("starting the gateway")
             argv = [sys.executable, "-m", "services.serving.gateway"]
             gateway = subprocess.Popen(argv, env=env)  # noqa: ASYNC220 - started once, before any measuring

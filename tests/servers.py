@@ -230,3 +230,19 @@ def free_stack_env(state_dir: Path) -> dict[str, str]:
         ports.add(port)
         env[f"CONVEYOR_{setting.upper()}"] = str(port)
     return env
+
+
+def gateway_env(prefix: str, state_dir: Path, nats: NatsServer, triton: TritonServer) -> dict[str, str]:
+    """Environment of a ``python -m services.serving.gateway`` (two workers) on these servers, over
+    ``os.environ`` without its ``CONVEYOR_*``; add ``CONVEYOR_GATEWAY_PORT`` and any other setting."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")} | {
+        "CONVEYOR_SUBJECT_PREFIX": prefix,
+        "CONVEYOR_STATE_DIR": str(state_dir),
+        "CONVEYOR_NATS_URL": nats.url,
+        "CONVEYOR_NATS_USER": "serving",
+        "CONVEYOR_NATS_PASSWORD": nats.passwords["serving"],
+        "CONVEYOR_TRITON_GRPC_URL": triton.grpc_url,
+        "CONVEYOR_SERVING_MODEL_REPOSITORY": str(triton.model_repository),
+        "CONVEYOR_GATEWAY_WORKERS": "2",
+        "CONVEYOR_INFERENCE_MAX_BYTES": str(16 * 1024**2),
+    }

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import re
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from services.runtime.consumer import Delivery
 from services.serving.app import build as build_serving
 from services.serving.config import ServingSettings
 from tests import images
-from tests.servers import free_port
+from tests.servers import free_port, gateway_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -161,15 +160,7 @@ async def world(
     )
     incoming = f"{prefix}-in"
     s3_server.client().make_bucket(incoming)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")} | {
-        "CONVEYOR_SUBJECT_PREFIX": prefix,
-        "CONVEYOR_STATE_DIR": str(tmp_path / "gateway"),
-        "CONVEYOR_NATS_URL": nats_server.url,
-        "CONVEYOR_NATS_USER": "serving",
-        "CONVEYOR_NATS_PASSWORD": nats_server.passwords["serving"],
-        "CONVEYOR_TRITON_GRPC_URL": triton_server.grpc_url,
-        "CONVEYOR_SERVING_MODEL_REPOSITORY": str(triton_server.model_repository),
-        "CONVEYOR_GATEWAY_WORKERS": "2",
+    env = gateway_env(prefix, tmp_path / "gateway", nats_server, triton_server) | {
         "CONVEYOR_GATEWAY_API_KEYS": json.dumps([KEY]),
         "CONVEYOR_GATEWAY_MAX_BODY_BYTES": str(64 * 1024),
         "CONVEYOR_GATEWAY_SHADOW_QUEUE": "4096",
@@ -177,7 +168,6 @@ async def world(
         "CONVEYOR_S3_ACCESS_KEY": s3_server.access_key,
         "CONVEYOR_S3_SECRET_KEY": s3_server.secret_key,
         "CONVEYOR_INCOMING_BUCKET": incoming,
-        "CONVEYOR_INFERENCE_MAX_BYTES": str(16 * 1024**2),
     }
     w = World(admin, env, f"g-{prefix}")
 
