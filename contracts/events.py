@@ -27,6 +27,7 @@ __all__ = [
     "DatasetRef",
     "DatasetRejected",
     "DatasetVersioned",
+    "DriftCleared",
     "DriftDetected",
     "DriftTest",
     "Duplicate",
@@ -445,10 +446,33 @@ class DriftDetected(Event):
     window_start: datetime
     window_end: datetime
     sample_count: Count
-    severity: Literal["low", "medium", "high"]
+    severity: Literal["low", "medium", "high"] = Field(
+        description="high: three or more tests drifted, or a PSI above twice its threshold; medium: two; "
+        "low: one"
+    )
     tests: list[DriftTest] = Field(
         description="every test run on the window; the drifting ones have drifted=true"
     )
+    live_accuracy: Fraction | None = Field(
+        None, description="accuracy on the window's feedback labels; None when none came back"
+    )
+
+
+class DriftCleared(Event):
+    """A model version that drifted has a window without drift again. Published by the monitor; read by
+    operators and integrators (it closes what ``drift.detected`` opened)."""
+
+    type: ClassVar[str] = "drift.cleared"
+    subject_field: ClassVar[str] = "model"
+    key_fields: ClassVar[tuple[str, ...]] = ("model", "version", "window_end")
+
+    model: Name
+    version: Version
+    window_start: datetime
+    window_end: datetime
+    sample_count: Count
+    drifted_since: datetime | None = Field(None, description="end of the window whose drift was reported")
+    tests: list[DriftTest] = Field(description="every test run on the clean window")
 
 
 EVENTS: dict[str, type[Event]] = {
@@ -467,6 +491,7 @@ EVENTS: dict[str, type[Event]] = {
         InferenceLogged,
         CanaryVerdict,
         DriftDetected,
+        DriftCleared,
     )
 }
 """Event type -> model, for every current event type."""

@@ -19,6 +19,7 @@ from contracts.names import Name, validate_name
 __all__ = [
     "KV_VALUES",
     "STAGES",
+    "CanaryPolicy",
     "DriftPolicy",
     "GatePolicy",
     "Hyperparameters",
@@ -212,6 +213,31 @@ class DriftPolicy(_Policy):
         return self
 
 
+class CanaryPolicy(_Policy):
+    """How the monitor judges a canary step against the champion's traffic in the same step (the minimum
+    traffic before a verdict is the rollout plan's ``min_requests`` and ``min_seconds``)."""
+
+    max_error_rate_increase: float = Field(
+        0.01, ge=0, le=1, description="the canary's error rate may exceed the champion's by this much"
+    )
+    max_latency_p99_ratio: float = Field(
+        1.5, ge=1, description="the canary's p99 latency may be this many times the champion's ..."
+    )
+    latency_slack_ms: float = Field(
+        5.0, ge=0, description="... plus this, so sub-millisecond noise never fails"
+    )
+    max_disagreement: float = Field(
+        0.1, ge=0, le=1, description="share of shadowed requests where canary and champion answer differently"
+    )
+    max_accuracy_drop: float = Field(
+        0.05, ge=0, le=1, description="live accuracy (feedback labels) below the champion's by more fails"
+    )
+    min_feedback: int = Field(20, ge=1, description="feedback labels per version before accuracy is judged")
+    max_confidence_drop: float = Field(
+        0.1, ge=0, le=1, description="the canary's mean confidence below the champion's by more fails"
+    )
+
+
 class ModelPolicy(_Policy):
     """An operator's configuration of one model; every field but ``model`` has a default."""
 
@@ -223,6 +249,7 @@ class ModelPolicy(_Policy):
     rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
     sampling: SamplingPolicy = Field(default_factory=SamplingPolicy)
     drift: DriftPolicy = Field(default_factory=DriftPolicy)
+    canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
 
     @property
     def dataset_name(self) -> str:

@@ -42,7 +42,7 @@ SERVICE_PUBLISHES: dict[str, tuple[str, ...]] = {
     "trainer": ("model.trained", "model.training_failed"),
     "registry": ("model.promoted", "model.rejected", "model.rolled_back"),
     "serving": ("model.deployed", "model.deploy_failed", "inference.logged"),
-    "monitor": ("drift.detected", "canary.verdict"),
+    "monitor": ("drift.detected", "drift.cleared", "canary.verdict"),
 }
 
 # First tokens of the control event types; every one of them lives on the control stream.
@@ -133,6 +133,7 @@ class KVBuckets:
     policy: str
     ingest_objects: str  # the objects ingest has versioned or rejected, one entry per object
     trainer: str  # the trainer's own state per model (drift retraining, labels needed)
+    monitor: str  # the monitor's per-model state: latest windows, drifting versions, judged canary steps
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ class Subjects:
             policy=f"{base}_policy",
             ingest_objects=f"{base}_ingest_objects",
             trainer=f"{base}_trainer",
+            monitor=f"{base}_monitor",
         )
 
     @property

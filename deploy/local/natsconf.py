@@ -25,6 +25,7 @@ _EXTRA_PUBLISH: dict[str, tuple[str, ...]] = {
     "ingest": ("$KV.{kv}_ingest_objects.>",),
     "trainer": ("$KV.{kv}_trainer.>",),
     "serving": ("$O.{kv}_predictions.>",),  # the gateway keeps recent images for feedback labels
+    "monitor": ("$KV.{kv}_monitor.>",),
 }
 
 

@@ -64,6 +64,7 @@ async def ensure_streams(
         (subjects.kv.policy, "per-model policy; written by `conveyor policy apply`"),
         (subjects.kv.ingest_objects, "objects ingest has versioned or rejected; written only by ingest"),
         (subjects.kv.trainer, "the trainer's state per model (drift retraining, labels needed)"),
+        (subjects.kv.monitor, "the monitor's state per model (latest windows, drift, judged canary steps)"),
     ):
         try:
             await js.key_value(bucket)

@@ -1,0 +1,143 @@
+"""The monitor against the real nats-server and MLflow, with a model the trainer's pipeline trained: the
+reference profile comes from the version's MLflow run, and the traffic is what the gateway logs for images
+run through that model (``tests.traffic``: the gateway's own preprocessing, the TorchScript in-process)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts.envelope import Event
+from contracts.events import CanaryVerdict, DriftCleared, DriftDetected, Feedback, InferenceLogged
+from contracts.kv import CanaryPolicy, DriftPolicy, ModelPolicy, RolloutPlan, RolloutPolicy, RolloutState
+from deploy.local.natsconf import ADMIN_USER
+from services.monitor.app import build
+from services.monitor.config import MonitorSettings
+from services.monitor.state import MonitorState
+from services.runtime.bus import EventBus
+from services.runtime.config import Settings
+from services.runtime.consumer import Delivery
+from tests import traffic
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+WINDOW = 150  # distinct held-out images per window (the test split has ~180)
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float = 60) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out; seen {self.events}")
+            await asyncio.sleep(0.05)
+
+    def of(self, cls: type[Event]) -> list[Any]:
+        return [e for e in self.events if isinstance(e, cls)]
+
+
+@pytest.fixture
+async def world(
+    nats_server: Any, mlflow_server: Any, prefix: str, tmp_path: Path
+) -> AsyncIterator[tuple[MonitorSettings, EventBus, Seen]]:
+    common: dict[str, Any] = {
+        "subject_prefix": prefix,
+        "nats_url": nats_server.url,
+        "mlflow_url": mlflow_server.url,
+        "state_dir": tmp_path / "state",
+    }
+    settings = MonitorSettings(
+        **common, nats_user="monitor", nats_password=nats_server.passwords["monitor"], monitor_tick_s=0.2
+    )
+    admin = Settings(
+        **common, service="tests", nats_user=ADMIN_USER, nats_password=nats_server.passwords[ADMIN_USER]
+    )
+    seen = Seen()
+
+    async def collect(event: Event, _: Delivery) -> None:
+        seen.events.append(event)
+
+    bus = EventBus(admin)
+    for cls in (DriftDetected, DriftCleared, CanaryVerdict):
+        bus.consume(cls, collect, durable=f"tests-{cls.type.replace('.', '-')}")
+    async with bus:
+        yield settings, bus, seen
+
+
+async def apply(bus: EventBus, policy: ModelPolicy) -> None:
+    kv = await bus.js.key_value(bus.subjects.kv.policy)
+    await kv.put(policy.model, policy.model_dump_json().encode())
+
+
+async def route(bus: EventBus, state: RolloutState) -> None:
+    kv = await bus.js.key_value(bus.subjects.kv.rollout)
+    await kv.put(state.model, state.model_dump_json().encode())
+
+
+async def send(bus: EventBus, model: str, samples: list, feedback: list | None = None) -> None:
+    await bus.publish(
+        InferenceLogged(
+            model=model,
+            batch_id=f"b{random.getrandbits(64):x}",
+            sample_rate=1.0,
+            samples=samples,
+            feedback=feedback or [],
+        )
+    )
+
+
+async def test_held_out_traffic_stays_quiet_and_every_shift_is_detected(world, trained):
+    settings, bus, seen = world
+    event, local = trained
+    model, version = event.model, event.version
+    await apply(
+        bus, ModelPolicy(model=model, drift=DriftPolicy(window_size=WINDOW, min_samples=100, cooldown_s=0))
+    )
+    live = traffic.Traffic(local, version)
+    held_out = [data for _, data in traffic.held_out("test")]
+    assert len(held_out) >= WINDOW
+    rng = random.Random(7)
+    state = MonitorState(lambda: bus.js, bus.subjects.kv.monitor)
+
+    async def windows(images: list[bytes]) -> list[Any]:
+        """Send one window's worth of samples; the version's kept windows once the monitor closed it."""
+        kept = (await state.get(model)).versions.get(version)
+        closed = kept.closed if kept else 0
+        await send(bus, model, live.samples(images))
+        deadline = asyncio.get_running_loop().time() + 60
+        while (kept := (await state.get(model)).versions.get(version)) is None or kept.closed == closed:
+            assert asyncio.get_running_loop().time() < deadline, "the window never closed"
+            await asyncio.sleep(0.1)
+        return kept.windows
+
+    app, _ = build(settings)
+    async with app:
+        outcomes = []
+        for _ in range(20):
+            kept = await windows(rng.sample(held_out, WINDOW))
+            outcomes.append(kept[-1])
+        quiet = [w for w in outcomes if w.outcome == "clear"]
+        print({t.name: [w.tests[i].statistic for w in outcomes] for i, t in enumerate(outcomes[0].tests)})
+        assert len(quiet) >= 19, [(w.outcome, [t.name for t in w.tests if t.drifted]) for w in outcomes]
+        for name, shift in {
+            "brightness": traffic.brighter,
+            "blur": traffic.blurred,
+            "rotation": traffic.rotated,
+        }.items():
+            first = (await windows([shift(d) for d in rng.sample(held_out, WINDOW)]))[-1]
+            second = (await windows([shift(d) for d in rng.sample(held_out, WINDOW)]))[-1]
+            print(name, [(t.name, t.statistic, t.p_value) for t in first.tests])
+            assert "drift" in (first.outcome, second.outcome), (name, first, second)
+            await windows(rng.sample(held_out, WINDOW))  # back to normal: drift.cleared
+        unseen = (await windows(traffic.letters(WINDOW)))[-1]
+        print("letters", [(t.name, t.statistic, t.p_value) for t in unseen.tests])
+        assert unseen.outcome == "drift"
+        await seen.wait(lambda: len(seen.of(DriftDetected)) >= 4)
