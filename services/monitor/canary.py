@@ -10,7 +10,8 @@ count and the sample rate) and ``min_seconds`` passed, ``judge`` gives a verdict
 - ``live_accuracy``: on feedback labels, at most ``max_accuracy_drop`` below the champion's;
 - ``confidence_shift``: mean confidence at most ``max_confidence_drop`` below the champion's.
 
-A check without data on both sides (no shadowing, too few labels, no champion traffic) passes and says so.
+A verdict also waits for ``_MIN_CHAMPION_SAMPLES`` champion samples (when there is a champion). A check
+without data on both sides (no shadowing, too few labels) passes and says so.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def judge(step: CanaryStep, policy: ModelPolicy, now: datetime) -> CanaryVerdict
     elapsed = (now - step.started).total_seconds()
     if step.on_canary.requests < plan.min_requests or elapsed < plan.min_seconds:
         return None
+    if step.champion is not None and step.on_champion.samples < _MIN_CHAMPION_SAMPLES:
+        return None  # nothing to compare with yet (the champion serves the other 1 - weight of traffic)
     canary, champion = step.on_canary, step.on_champion
     checks = [_error_rate(canary, champion, rules.max_error_rate_increase)]
     checks.append(_latency(canary, champion, rules.max_latency_p99_ratio, rules.latency_slack_ms))

@@ -33,8 +33,8 @@ __all__ = [
     "evaluate",
     "gaussian_bandwidth",
     "ks",
-    "mmd_permutation",
     "merge_sparse_bins",
+    "mmd_permutation",
     "psi",
     "severity",
 ]

@@ -1,7 +1,8 @@
 """The trainer's subscribers: which event trains which model, by the model's training policy.
 
-- ``dataset.versioned``: every model that trains on the dataset with trigger ``on_new_data``; other triggers
-  only record (the event stays in the stream, where a later drift finds it).
+- ``dataset.versioned``: every model that trains on the dataset with trigger ``on_new_data``, and an
+  ``on_drift`` model whose drift found no newer data (it needs labels: these are them); other triggers only
+  record (the event stays in the stream, where a later drift finds it).
 - ``train.requested``: the named model (or the dataset's models), whatever their trigger.
 - ``drift.detected``: a model with trigger ``on_drift`` trains on the newest dataset version newer than the
   one it was trained on, at most once per cooldown; without newer data it records that labels are needed.
@@ -48,13 +49,25 @@ class TrainerHandlers:
     async def on_dataset_versioned(self, event: DatasetVersioned, delivery: Delivery) -> list[Event]:
         jobs = []
         for policy in await self.policies.for_dataset(event.dataset):
-            if policy.training.trigger != "on_new_data":
-                self.log.info(
-                    "new data recorded, not trained", model=policy.model, trigger=policy.training.trigger
-                )
+            trigger = policy.training.trigger
+            if trigger == "on_drift" and await self._labels_arrived(policy.model, event):
+                trigger = "on_new_data"  # a drift asked for these labels: train on them now
+            if trigger != "on_new_data":
+                self.log.info("new data recorded, not trained", model=policy.model, trigger=trigger)
                 continue
             jobs.append(_job(policy, event, _cause(delivery)))
         return await self._train(jobs, delivery)
+
+    async def _labels_arrived(self, model: str, event: DatasetVersioned) -> bool:
+        """A drift found no newer data for ``model`` and this version brings it: record the training."""
+        state = await self.state.get(model)
+        if not state.needs_labels:
+            return False
+        state.last_drift_training_at, state.needs_labels, state.needs_labels_since = time.time(), False, 0.0
+        state.trained_dataset_version = event.version
+        await self.state.put(model, state)
+        self.log.info("labels arrived after a drift: training", model=model, dataset_version=event.version)
+        return True
 
     async def on_train_requested(self, event: TrainRequested, delivery: Delivery) -> list[Event]:
         versions = await self.versions(event.dataset)

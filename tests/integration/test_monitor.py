@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from contracts.envelope import Event
-from contracts.events import CanaryVerdict, DriftCleared, DriftDetected, Feedback, InferenceLogged
-from contracts.kv import CanaryPolicy, DriftPolicy, ModelPolicy, RolloutPlan, RolloutPolicy, RolloutState
+from contracts.events import CanaryVerdict, DriftCleared, DriftDetected, InferenceLogged
+from contracts.kv import DriftPolicy, ModelPolicy, RolloutState
 from deploy.local.natsconf import ADMIN_USER
 from services.monitor.app import build
 from services.monitor.config import MonitorSettings

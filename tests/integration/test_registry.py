@@ -22,6 +22,8 @@ from contracts.events import (
     CanaryVerdict,
     DatasetRef,
     DatasetVersioned,
+    Feedback,
+    InferenceLogged,
     ModelDeployed,
     ModelPromoted,
     ModelRejected,
@@ -30,6 +32,9 @@ from contracts.events import (
 )
 from contracts.kv import GatePolicy, Hyperparameters, ModelPolicy, RolloutPolicy, RolloutState
 from deploy.local.natsconf import ADMIN_USER
+from services.monitor.app import build as build_monitor
+from services.monitor.config import MonitorSettings
+from services.monitor.state import MonitorState
 from services.registry.app import build
 from services.registry.audit import AuditLog
 from services.registry.config import RegistrySettings
@@ -39,6 +44,7 @@ from services.runtime.consumer import Delivery
 from services.runtime.datasets import S3Remote
 from services.trainer.pipeline import Pipeline, TrainJob
 from services.trainer.tracking import MlflowTracker
+from tests import traffic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -411,3 +417,95 @@ async def test_the_cli_reads_and_changes_the_registry_over_http(world, tmp_path)
         finally:
             server.should_exit = True
             await serving
+
+
+async def test_the_monitor_judges_canaries_a_worse_one_is_rolled_back_a_better_one_promoted(
+    world, nats_server, tmp_path
+):
+    """The registry and the monitor together: the canary verdicts come from live traffic (the samples the
+    gateway would log for the held-out digits, each with its true label sent back as feedback)."""
+    w, bus = world
+    lenient = GatePolicy(min_test_accuracy=0, max_regression={"test_accuracy": 1, "test_macro_f1": 1})
+    plan = RolloutPolicy(canary_weights=[20], min_requests=60, min_seconds=0)
+    await apply_policy(bus, ModelPolicy(model=w.model, gates=lenient, rollout=plan))
+    monitor_settings = MonitorSettings(
+        subject_prefix=w.settings.subject_prefix,
+        nats_url=w.settings.nats_url,
+        mlflow_url=w.settings.mlflow_url,
+        state_dir=tmp_path / "monitor",
+        nats_user="monitor",
+        nats_password=nats_server.passwords["monitor"],
+        monitor_tick_s=0.2,
+    )
+    held_out = traffic.held_out("test")[:120]
+
+    async def live(trained: ModelTrained) -> traffic.Traffic:
+        folder = tmp_path / f"v{trained.version}"
+        await asyncio.to_thread(w.tracker.client.download_artifacts, trained.run_id, "model", str(folder))
+        return traffic.Traffic(folder / "model", trained.version)
+
+    async def serve(canary: traffic.Traffic, champion: traffic.Traffic) -> None:
+        """Every held-out image to the canary and the champion, with the true label as feedback."""
+        data = [image for _, image in held_out]
+        for side, route in ((canary, "canary"), (champion, "active")):
+            samples = side.samples(data, route=route)
+            feedback = [
+                Feedback(
+                    prediction_id=s.prediction_id,
+                    time=s.time,
+                    version=s.version,
+                    predicted_label=s.label,
+                    true_label=label,
+                )
+                for s, (label, _) in zip(samples, held_out, strict=True)
+            ]
+            await bus.publish(
+                InferenceLogged(
+                    model=w.model,
+                    batch_id=f"{route}-{side.version}-{samples[0].prediction_id}",
+                    sample_rate=1.0,
+                    samples=samples,
+                    feedback=feedback,
+                )
+            )
+
+    async def canary_of(trained: ModelTrained) -> None:
+        await bus.publish(trained)
+        await w.wait(lambda: (trained.version, "staging") in w.stages())
+        transition = next(
+            e.transition for e in w.promoted if (e.version, e.to_stage) == (trained.version, "staging")
+        )
+        await bus.publish(
+            ModelDeployed(
+                model=w.model,
+                version=trained.version,
+                stage="staging",
+                transition=transition,
+                backend="python",
+                loaded_versions=[1, trained.version],
+                load_seconds=0.5,
+            )
+        )
+        await w.wait(lambda: (trained.version, "canary") in w.stages())
+
+    app, _ = build(w.settings)
+    monitor_app, _ = build_monitor(monitor_settings)
+    async with app, monitor_app:
+        v1 = await champion_v1(w, bus)
+        champion = await live(v1)
+        worse = await w.train(BAD)
+        await canary_of(worse)
+        await serve(await live(worse), champion)
+        await w.wait(lambda: bool(w.rolled_back))
+        better = await w.train(GOOD.model_copy(update={"seed": 3}))
+        await canary_of(better)
+        await serve(await live(better), champion)
+        await w.wait(lambda: (better.version, "champion") in w.stages())
+    [back] = w.rolled_back
+    assert (back.stage, back.from_version, back.to_version) == ("canary", worse.version, 1)
+    assert "live_accuracy" in back.reason and "confidence_shift" in back.reason, back.reason
+    verdicts = (await MonitorState(lambda: bus.js, bus.subjects.kv.monitor).get(w.model)).verdicts
+    assert [(v.version, v.verdict) for v in verdicts] == [(worse.version, "fail"), (better.version, "pass")]
+    failing = {c.name: c for c in verdicts[0].checks if not c.passed}
+    assert failing["live_accuracy"].value < 0.5 < failing["live_accuracy"].threshold, failing
+    assert all(c.passed for c in verdicts[1].checks), verdicts[1].checks

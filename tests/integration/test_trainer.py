@@ -248,14 +248,27 @@ async def test_manual_and_drift_policies(world, bus):
         state = await service.handlers.state.get("digits")
         assert state.needs_labels
 
-        await admin.publish(commit_version(world["repo"], digits, 2))
-        await asyncio.sleep(2)
-        assert len(seen.trained) == 1  # on_drift: new data alone does not train
-        await admin.publish(drift.model_copy(update={"window_end": drift.window_end.replace(year=2030)}))
-        await seen.wait(lambda: len(seen.trained) == 2)
+        await admin.publish(commit_version(world["repo"], digits[:1200], 2))
+        await seen.wait(lambda: len(seen.trained) == 2)  # the labels the drift asked for: trained at once
         assert seen.trained[1].dataset.version == 2
         assert not (await service.handlers.state.get("digits")).needs_labels
 
-        await admin.publish(drift.model_copy(update={"window_end": drift.window_end.replace(year=2031)}))
+        await admin.publish(commit_version(world["repo"], digits, 3))
         await asyncio.sleep(3)
-    assert len(seen.trained) == 2  # within the cooldown
+        assert len(seen.trained) == 2  # on_drift: new data no drift asked for does not train
+        await apply_policy(
+            admin,
+            ModelPolicy(
+                model="digits",
+                training={"trigger": "on_drift", "retrain_cooldown_s": 0},
+                hyperparameters=FAST,
+            ),
+        )
+        await admin.publish(drift.model_copy(update={"window_end": drift.window_end.replace(year=2031)}))
+        await seen.wait(lambda: len(seen.trained) == 3)  # a drift with newer data trains on the newest
+        assert seen.trained[2].dataset.version == 3
+
+        await apply_policy(admin, policy)  # cooldown 3600 s again
+        await admin.publish(drift.model_copy(update={"window_end": drift.window_end.replace(year=2032)}))
+        await asyncio.sleep(3)
+    assert len(seen.trained) == 3  # within the cooldown

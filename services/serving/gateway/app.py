@@ -183,7 +183,13 @@ class Gateway:
             raise ApiError(415, "unsupported_image", str(exc)) from exc
         except ImageDecodeError as exc:
             raise ApiError(422, "undecodable_image", str(exc)) from exc
-        answer = await self._infer(model, version, route, spec, batch)
+        started = time.perf_counter()
+        try:
+            answer = await self._infer(model, version, route, spec, batch)
+        except ApiError as exc:  # the monitor counts failed requests per version (canary error rate)
+            if sampled:
+                self._log(model, _failed(len(images), version, route, started, exc.error, stats))
+            raise
         probabilities = _softmax(answer.logits)
         ids = [uuid.uuid4().hex for _ in images]
         top = probabilities.argmax(axis=1)
@@ -422,6 +428,29 @@ class Gateway:
         except Exception:
             return False
         return True
+
+
+def _failed(
+    count: int, version: int, route: Route, started: float, error: str, stats: list[ImageStats]
+) -> list[InferenceSample]:
+    now, latency = datetime.now(UTC), (time.perf_counter() - started) * 1000
+    return [
+        InferenceSample.model_construct(
+            prediction_id=uuid.uuid4().hex,
+            time=now,
+            version=version,
+            route=route,
+            latency_ms=latency,
+            ok=False,
+            error=error,
+            label=None,
+            confidence=None,
+            image_stats=stats[i] if i < len(stats) else None,
+            embedding=None,
+            shadow=None,
+        )
+        for i in range(count)
+    ]
 
 
 def _prepare_all(
