@@ -23,6 +23,7 @@ from deploy.local.secrets import LocalSecrets
 from deploy.local.state import read_json, running_supervisor
 from deploy.local.status import collect_status
 from services.ingest.cli import datasets_command, upload_command
+from services.monitor.cli import drift_command
 from services.registry.cli import (
     audit_command,
     canary_verdict_command,
@@ -58,6 +59,7 @@ app.command("rollback")(rollback_command(bus_settings))
 app.command("route")(route_command(bus_settings))
 app.command("audit")(audit_command(bus_settings))
 app.command("canary-verdict")(canary_verdict_command(bus_settings))
+app.command("drift")(drift_command(bus_settings))
 
 console = Console()
 err = Console(stderr=True)
@@ -228,6 +230,17 @@ def _print_status(status: dict[str, Any]) -> None:
         console.print(f"dead letters: {js['dead_letters']} ({per_service}) — `conveyor dlq list` shows why")
     else:
         console.print("dead letters: 0")
+    for m in js.get("attention", []):
+        if m["drifting_versions"]:
+            versions = ", ".join(str(v) for v in m["drifting_versions"])
+            console.print(
+                f"[yellow]{m['model']}[/]: drifting (version {versions}) — `conveyor drift {m['model']}`"
+            )
+        if m["needs_labels_since"]:
+            console.print(
+                f"[yellow]{m['model']}[/]: labels needed since {m['needs_labels_since']:%Y-%m-%d %H:%M} UTC "
+                "(a drift found no newer labelled data) — send feedback labels or upload labelled images"
+            )
 
 
 @app.command()

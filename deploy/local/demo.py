@@ -1,9 +1,11 @@
 """``conveyor demo`` (``make demo``): the loop as far as it exists, on scikit-learn's digits.
 
-Today: start the stack, render the digits (shipped inside scikit-learn, no download) to PNG files, upload
-them to the incoming bucket like a user would, show ingest turning them into a dataset version, the trainer
-turning that into a registered model, the registry gating it into the first champion, serving loading it
-into Triton, and the champion answering predictions through the gateway.
+Start the stack, render the digits (shipped inside scikit-learn, no download) to PNG files, upload them to
+the incoming bucket like a user would, show ingest turning them into a dataset version, the trainer turning
+that into a registered model, the registry gating it into the first champion, serving loading it into
+Triton, and the champion answering predictions through the gateway. Then the closed loop
+(``deploy.local.loop``): drifted traffic, ``drift.detected``, feedback labels, a retrained version, its
+canary judged by the monitor, and the new champion.
 """
 
 from __future__ import annotations
@@ -23,15 +25,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from contracts.envelope import Event, decode
 from contracts.events import (
+    CanaryVerdict,
     DatasetVersioned,
+    DriftDetected,
     ModelDeployed,
     ModelDeployFailed,
     ModelPromoted,
     ModelRejected,
+    ModelRolledBack,
     ModelTrained,
     ModelTrainingFailed,
 )
 from deploy.local.config import StackSettings
+from deploy.local.loop import closed_loop
 from services.ingest.cli import show_version, upload_dir
 from services.runtime.s3 import s3_client
 from services.runtime.versions import read_versions
@@ -66,8 +72,9 @@ def write_digits(root: Path) -> Path:
 
 
 class Watcher:
-    """Collects this demo's events for digits: dataset.versioned, model.trained or .training_failed, and
-    model.promoted or .rejected, model.deployed or .deploy_failed."""
+    """Collects this demo's events for digits: dataset.versioned, model.trained or .training_failed,
+    model.promoted or .rejected, model.deployed or .deploy_failed, drift.detected, canary.verdict and
+    model.rolled_back."""
 
     def __init__(self, settings: StackSettings) -> None:
         self.settings = settings
@@ -77,7 +84,7 @@ class Watcher:
     async def start(self) -> None:
         self.nc = await nats.connect(**self.settings.admin_connect_kwargs())  # type: ignore[arg-type]
         kinds = (DatasetVersioned, ModelTrained, ModelTrainingFailed, ModelPromoted, ModelRejected)
-        for cls in (*kinds, ModelDeployed, ModelDeployFailed):
+        for cls in (*kinds, ModelDeployed, ModelDeployFailed, DriftDetected, CanaryVerdict, ModelRolledBack):
             subject = self.settings.subjects.event(cls.type, DATASET)
             await self.nc.subscribe(subject, cb=functools.partial(self._got, cls))
         await self.nc.flush()
@@ -188,12 +195,21 @@ def _gated(
         )
         for gate in decided.gate_report:
             console.print(f"     [green]✓[/] {gate.name}: {gate.detail}")
-        if decided.to_stage == "champion":
-            _served(console, loop, watcher, settings, decided)
+        if decided.to_stage == "champion" and _served(console, loop, watcher, settings, decided):
             console.print(
                 f"   {ref} is the first champion. `conveyor models {trained.model}` and "
                 f"`conveyor audit {trained.model}` show it"
             )
+            folder = settings.state_dir / "demo" / DATASET
+
+            def wait_for(kinds: tuple[type[Event], ...], timeout: float) -> Event | None:
+                return loop.run_until_complete(watcher.next(kinds, timeout))
+
+            if closed_loop(settings, console, folder, wait_for, trained.model):
+                console.print(
+                    "   [green]the loop closed[/]: drift → feedback labels → new dataset version → retrained "
+                    f"model → canary → champion. `conveyor audit {trained.model}` lists every step"
+                )
         else:
             console.print(f"   a champion exists already: {ref} rolls out through staging and a canary")
     else:
@@ -206,16 +222,16 @@ def _served(
     watcher: Watcher,
     settings: StackSettings,
     promoted: ModelPromoted,
-) -> None:
+) -> bool:
     console.print("[bold]5. Serve[/]: verify the files, write the Triton repository, load, smoke-test")
     with console.status("   waiting for model.deployed ..."):
         deployed = loop.run_until_complete(watcher.next((ModelDeployed, ModelDeployFailed), 240))
     if isinstance(deployed, ModelDeployFailed):
         console.print(f"   [red]deploy failed[/] ({deployed.reason_code}): {deployed.reason}")
-        return
+        return False
     if not isinstance(deployed, ModelDeployed):
         console.print("   [red]not deployed after 4 minutes[/]: see .conveyor/logs/serving.log")
-        return
+        return False
     console.print(
         f"   {deployed.model}@{deployed.version} loaded in Triton ({deployed.backend} backend) in "
         f"{deployed.load_seconds:.1f} s; smoke inference {deployed.smoke_latency_ms or 0:.1f} ms"
@@ -234,7 +250,7 @@ def _served(
     if response is None or response.status_code != 200:
         detail = response.text if response is not None else "no answer"
         console.print(f"   [red]the gateway did not answer[/]: {detail}")
-        return
+        return False
     doc = response.json()
     right = 0
     for path, p in zip(picks, doc["predictions"], strict=True):
@@ -246,10 +262,11 @@ def _served(
         f"   {right}/10 right, answered by {promoted.model}@{doc['version']} ({doc['route']}). "
         f"`conveyor predict {promoted.model} IMAGE...` does the same"
     )
+    return True
 
 
 def _next(settings: StackSettings, console: Console) -> None:
     console.print(
         "\n[bold]Next[/]: `conveyor datasets`, `conveyor models`, `conveyor events tail`, MLflow at "
-        f"{settings.mlflow_url}. Monitoring comes with the next issue."
+        f"{settings.mlflow_url}, `conveyor drift digits`."
     )

@@ -43,6 +43,7 @@ STACK_SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("serving"),
     # The gateway is serving's HTTP front: serving's NATS user (it publishes inference.logged).
     ServiceSpec("gateway", module="services.serving.gateway", nats_user="serving"),
+    ServiceSpec("monitor"),
 )
 
 

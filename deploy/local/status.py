@@ -12,6 +12,7 @@ from deploy.local.config import StackSettings
 from deploy.local.parts import HealthCheck
 from deploy.local.secrets import LocalSecrets
 from deploy.local.state import pid_alive, read_json, running_supervisor
+from services.monitor.cli import attention
 
 __all__ = ["collect_status", "endpoints", "health_from_description", "jetstream_status"]
 
@@ -98,7 +99,17 @@ async def jetstream_status(settings: StackSettings, timeout: float = 3.0) -> dic
         if dlq:
             info = await jsm.stream_info(dlq_stream, subjects_filter=">")
             by_service = {subject.rsplit(".", 1)[-1]: n for subject, n in (info.state.subjects or {}).items()}
-        return {"ok": True, "streams": streams, "dead_letters": dlq, "dead_letters_by_service": by_service}
+        try:
+            needing = await attention(nc.jetstream(), settings.subjects)
+        except Exception:  # the buckets are made by the first service to start
+            needing = []
+        return {
+            "ok": True,
+            "streams": streams,
+            "dead_letters": dlq,
+            "dead_letters_by_service": by_service,
+            "attention": needing,
+        }
     finally:
         await nc.close()
 
