@@ -42,9 +42,7 @@ class MonitorService:
         s, js = self.settings, lambda: self.bus.js
         self.log = get_logger(service=s.service)
         self.monitor = Monitor(
-            Profiles(
-                self.source, max_versions=s.monitor_max_versions, embedding_sample=s.monitor_embedding_sample
-            ),
+            Profiles(self.source, max_versions=s.monitor_max_versions),
             Policies(js, s.subjects.kv.policy),
             Rollouts(js, s.subjects.kv.rollout),
             MonitorState(js, s.subjects.kv.monitor),

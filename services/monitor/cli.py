@@ -17,9 +17,11 @@ from nats.js import JetStreamContext
 from rich.console import Console
 from rich.table import Table
 
+from contracts.kv import RolloutState
 from contracts.names import Subjects, validate_name
 from services.monitor.state import ModelRecord, MonitorState
 from services.runtime.config import Settings
+from services.runtime.rollouts import Rollouts, routed_versions
 from services.trainer.state import ModelState, TrainerState
 
 __all__ = ["attention", "drift_command"]
@@ -36,14 +38,22 @@ async def _read(js: JetStreamContext, subjects: Subjects, model: str) -> tuple[M
 
 
 async def attention(js: JetStreamContext, subjects: Subjects) -> list[dict[str, Any]]:
-    """Models that need someone: a version whose drift is not cleared, or labels a drift asked for."""
+    """Models that need someone: a routed version whose drift is not cleared, or labels a drift asked for."""
     monitor = await MonitorState(lambda: js, subjects.kv.monitor).current()
     trainer = await TrainerState(lambda: js, subjects.kv.trainer).current()
+    rollouts = await Rollouts(lambda: js, subjects.kv.rollout).current()
     out = []
     for model in sorted(set(monitor) | set(trainer)):
         record = ModelRecord.model_validate_json(monitor[model]) if monitor.get(model) else None
         state = ModelState(**json.loads(trainer[model])) if trainer.get(model) else ModelState()
-        drifting = sorted(v for v, kept in (record.versions if record else {}).items() if kept.drifting_since)
+        routed = (
+            routed_versions(RolloutState.model_validate_json(rollouts[model])) if model in rollouts else set()
+        )
+        drifting = sorted(
+            v
+            for v, kept in (record.versions if record else {}).items()
+            if kept.drifting_since and v in routed
+        )
         if drifting or state.needs_labels:
             since = datetime.fromtimestamp(state.needs_labels_since, UTC) if state.needs_labels else None
             out.append({"model": model, "drifting_versions": drifting, "needs_labels_since": since})

@@ -127,7 +127,7 @@ class Reference:
     mean_confidence: float
 
     @classmethod
-    def from_profile(cls, profile: Mapping[str, object], subsample: int = 200, seed: int = 0) -> Reference:
+    def from_profile(cls, profile: Mapping[str, object], subsample: int = 512, seed: int = 0) -> Reference:
         """Parse a profile dict; keeps at most ``subsample`` embedding rows (seeded) for the MMD test."""
         labels = tuple(str(label) for label in profile["labels"])  # type: ignore[attr-defined]
         frequencies = profile["class_frequencies"]

@@ -81,10 +81,9 @@ class MlflowProfiles:
 class Profiles:
     """The parsed references of the versions seen most recently, at most ``max_versions`` of them."""
 
-    def __init__(self, source: ProfileSource, *, max_versions: int, embedding_sample: int) -> None:
+    def __init__(self, source: ProfileSource, *, max_versions: int) -> None:
         self.source = source
         self.max_versions = max_versions
-        self.embedding_sample = embedding_sample
         self._cache: OrderedDict[tuple[str, int], Reference] = OrderedDict()
         self._runs: dict[tuple[str, int], str] = {}
 
@@ -94,7 +93,7 @@ class Profiles:
             self._cache.move_to_end(key)
             return self._cache[key]
         raw = await asyncio.to_thread(self.source.profile, model, version)
-        reference = Reference.from_profile(raw, self.embedding_sample)
+        reference = Reference.from_profile(raw)
         self._cache[key] = reference
         while len(self._cache) > self.max_versions:
             self._cache.popitem(last=False)

@@ -198,3 +198,34 @@ def test_services_in_the_stack_trace_into_mlflow(
     asyncio.run(two_hops(settings_for))
     client = MlflowClient(tracking_uri=status["endpoints"]["mlflow"]["url"])
     asyncio.run(assert_one_mlflow_trace(client, experiment))
+
+
+def test_the_demo_closes_the_loop(stack_env: dict[str, str]) -> None:
+    """`conveyor demo` from nothing: upload → dataset → model → champion → predictions through the gateway →
+    drifted traffic → drift.detected → feedback labels → digits@2 → retrained model → canary judged by the
+    monitor → new champion. Then `conveyor drift` and the audit log show what happened."""
+    started = time.monotonic()
+    result = conveyor(stack_env, "demo", timeout=1500)
+    print(result.stdout[-6000:])
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    out = result.stdout
+    assert "10/10 right" in out or "9/10 right" in out, out[-3000:]
+    assert "drift.detected on digits@1" in out
+    assert "digits@2: 250 new files" in out
+    assert "canary.verdict: digits@2 pass" in out
+    assert "the loop closed" in out
+    print(f"the demo took {time.monotonic() - started:.0f} s")
+    drift = conveyor(stack_env, "drift", "digits", "--json")
+    assert drift.returncode == 0, drift.stderr
+    record = json.loads(drift.stdout)
+    first = record["versions"]["1"]["windows"][0]
+    assert first["outcome"] == "drift" and any(
+        t["name"] == "ks.mean" and t["drifted"] for t in first["tests"]
+    )
+    assert [(v["version"], v["verdict"]) for v in record["verdicts"]] == [(2, "pass")]
+    assert not record["trainer"]["needs_labels"]  # the feedback labels answered the drift
+    audit = conveyor(stack_env, "audit", "digits")
+    assert audit.returncode == 0 and "canary" in audit.stdout, audit.stdout + audit.stderr
+    status = status_json(stack_env)
+    assert status["jetstream"]["dead_letters"] == 0
+    assert status["jetstream"]["attention"] == []  # digits@1 drifted, but it serves nothing any more
