@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help install demo test lint typecheck unit integration bench up down status clean
+.PHONY: help install demo test lint typecheck unit integration bench bench-alibi up down status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create or refresh .venv
 
-demo: $(STAMP)  ## start the embedded stack and run the loop as far as it exists
+demo: $(STAMP)  ## start the embedded stack and run the whole loop on scikit-learn's digits
 	$(BIN)/conveyor demo
 
 test: $(STAMP) lint typecheck  ## lint, type-check and run every test against real servers
@@ -40,6 +40,15 @@ bench: $(STAMP)  ## print the benchmark figures (one JSON line each)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/monitor.py
+
+# alibi-detect (heavy: transformers, opencv, numba) lives in a venv of its own, used only as the MMD reference.
+.venv-alibi/bin/python:
+	$(PYTHON) -m venv .venv-alibi
+	.venv-alibi/bin/pip install --disable-pip-version-check -q alibi-detect==0.13.0 torch==2.13.0 'numpy<2'
+
+bench-alibi: $(STAMP) .venv-alibi/bin/python  ## bench/monitor.py with alibi-detect's MMDDrift as the MMD reference
+	$(BIN)/python bench/monitor.py --alibi-python .venv-alibi/bin/python
 
 up: $(STAMP)  ## start the embedded stack
 	$(BIN)/conveyor up
@@ -49,4 +58,4 @@ status: $(STAMP)  ## show the embedded stack's health
 	$(BIN)/conveyor status
 
 clean:  ## remove .venv and caches (keeps .conveyor/ state)
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-alibi .pytest_cache .mypy_cache .ruff_cache *.egg-info

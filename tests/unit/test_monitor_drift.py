@@ -83,7 +83,7 @@ def test_mmd_statistic_equals_the_biased_estimator_and_its_p_value_is_a_permutat
 
     by_hand = k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()
     statistic, p_value = mmd_permutation(x, y, bandwidth, permutations=99)
-    assert statistic == pytest.approx(by_hand, rel=1e-9)
+    assert statistic == pytest.approx(by_hand, rel=1e-5)  # float32 kernel
     assert p_value * 100 == pytest.approx(round(p_value * 100))  # (1 + count) / (1 + 99)
     assert mmd_permutation(x, y + 3, bandwidth, permutations=99)[1] == pytest.approx(0.01)
 
