@@ -29,7 +29,7 @@ def test_snapshot_matches_model(name: str) -> None:
 def test_every_event_and_kv_value_is_snapshotted() -> None:
     assert set(snapshot_models()) == set(EVENTS) | set(KV_VALUES) | set(RECORDS)
     assert list(EVENTS)[:3] == ["dataset.versioned", "dataset.rejected", "train.requested"]
-    assert len(EVENTS) == 13
+    assert len(EVENTS) == 14
 
 
 @pytest.mark.parametrize("event_type", list(EVENTS))

@@ -83,8 +83,10 @@ def test_service_permissions_allow_only_own_events():
     registry = service_permissions("registry", subjects)["publish"]["allow"]
     assert "conveyor.audit.>" in registry and "$KV.conveyor_rollout.>" in registry
     assert "$KV.conveyor_policy.>" not in registry  # policy is operator configuration
+    monitor = service_permissions("monitor", subjects)["publish"]["allow"]
+    assert "$KV.conveyor_monitor.>" in monitor and "$KV.conveyor_rollout.>" not in monitor
     wide = service_permissions("monitor", subjects, any_prefix=True)["publish"]["allow"]
-    assert "*.drift.detected.>" in wide and not any(s.startswith("$KV.") for s in wide)
+    assert "*.drift.detected.>" in wide and "*.drift.cleared.>" in wide and "*.model.trained.>" not in wide
     assert "$KV.*.>" in service_permissions("ingest", subjects, any_prefix=True)["publish"]["allow"]
 
 
