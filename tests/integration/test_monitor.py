@@ -140,4 +140,27 @@ async def test_held_out_traffic_stays_quiet_and_every_shift_is_detected(world, t
         unseen = (await windows(traffic.letters(WINDOW)))[-1]
         print("letters", [(t.name, t.statistic, t.p_value) for t in unseen.tests])
         assert unseen.outcome == "drift"
-        await seen.wait(lambda: len(seen.of(DriftDetected)) >= 4)
+        await seen.wait(lambda: len(seen.of(DriftDetected)) >= 4 and len(seen.of(DriftCleared)) >= 3)
+
+        # A long cooldown: a stream that keeps drifting raises no new event (one per cooldown, not a storm).
+        await apply(bus, ModelPolicy(model=model, drift=DriftPolicy(window_size=WINDOW, min_samples=100)))
+        detected = len(seen.of(DriftDetected))
+        for _ in range(2):
+            assert (await windows(traffic.letters(WINDOW, seed=5)))[-1].outcome == "drift"
+        await asyncio.sleep(1)
+        assert len(seen.of(DriftDetected)) == detected
+    alarms = seen.of(DriftDetected)
+    assert all(e.model == model and e.version == version for e in alarms)
+    assert {t.name for e in alarms for t in e.tests if t.drifted} >= {
+        "ks.mean",
+        "ks.sharpness",
+        "mmd.embedding",
+    }
+    assert all(e.severity in ("medium", "high") for e in alarms)
+    cleared = seen.of(DriftCleared)
+    assert all(c.drifted_since is not None and not any(t.drifted for t in c.tests) for c in cleared)
+    # Each window's statistics are MLflow metrics on the version's run: drift over time.
+    from mlflow import MlflowClient
+
+    history = MlflowClient(settings.mlflow_url).get_metric_history(event.run_id, "drift.ks.mean")
+    assert len(history) >= 29 and sorted(m.step for m in history)[-1] >= 29
