@@ -1,8 +1,11 @@
 """Builds the monitor service from settings: one place that wires every dependency (tests pass their own).
 
-Consumes ``inference.logged`` (a durable pull consumer: each message is a batch of samples, and up to 64
-batches are in flight); a background task closes windows by time and judges due canaries every
-``monitor_tick_s``. Publishes ``drift.detected``, ``drift.cleared`` and ``canary.verdict``.
+Consumes ``inference.logged`` (a durable pull consumer: each message is a batch of samples, handled one at a
+time); a background task closes windows by time and judges due canaries every ``monitor_tick_s``.
+Publishes ``drift.detected``, ``drift.cleared`` and ``canary.verdict`` through an outbox: the monitor's KV
+state records a verdict or drift before its event goes out, so an event whose publish failed is kept and sent
+again on the next tick (its id is derived from its key, so a resend is never a duplicate) rather than lost
+with the acked samples that caused it.
 """
 
 from __future__ import annotations
@@ -54,11 +57,23 @@ class MonitorService:
             log_to_mlflow=s.monitor_log_to_mlflow,
         )
         self._ticking: asyncio.Task[None] | None = None
+        self.outbox: list[Event] = []
         # One batch at a time: the windows are shared, and a batch is cheap next to a window's tests.
         self.bus.consume(InferenceLogged, self.on_inference_logged, max_in_flight=1)
 
-    async def on_inference_logged(self, event: InferenceLogged, delivery: Delivery) -> list[Event]:
-        return await self.monitor.on_inference_logged(event)
+    async def on_inference_logged(self, event: InferenceLogged, delivery: Delivery) -> None:
+        self.outbox += await self.monitor.on_inference_logged(event)
+        await self.send()
+
+    async def send(self) -> None:
+        """Publish the outbox in order; what fails stays for the next tick."""
+        while self.outbox:
+            try:
+                await self.bus.publish(self.outbox[0])
+            except Exception as exc:  # NATS away for a moment: the next tick sends it
+                self.log.warning("event not sent yet", type=self.outbox[0].type, error=repr(exc))
+                return
+            self.outbox.pop(0)
 
     async def start(self) -> None:
         self._ticking = asyncio.create_task(self._tick_forever())
@@ -72,8 +87,8 @@ class MonitorService:
         while True:
             await asyncio.sleep(self.settings.monitor_tick_s)
             try:
-                for event in await self.monitor.tick():
-                    await self.bus.publish(event)
+                self.outbox += await self.monitor.tick()
+                await self.send()
             except Exception as exc:  # NATS or MLflow away for a moment: next tick
                 self.log.warning("monitor tick failed", error=repr(exc))
 

@@ -82,6 +82,7 @@ class CanaryStep:
     on_champion: Side = field(default_factory=Side)
     shadowed: int = 0
     disagreed: int = 0
+    judged: bool = False
 
     def same_step(self, canary: int | None, weight: int, started: datetime) -> bool:
         return (self.canary, self.weight, self.started) == (canary, weight, started)

@@ -54,7 +54,6 @@ class Monitor:
         self.clock = clock
         self.windows: OrderedDict[WindowKey, Window] = OrderedDict()
         self.steps: dict[str, CanaryStep] = {}
-        self.judged: set[tuple[str, int, int, datetime]] = set()
         self._policy: dict[str, ModelPolicy] = {}
         self.log = get_logger(component="monitor")
 
@@ -64,18 +63,18 @@ class Monitor:
         model = event.model
         policy = self._policy[model] = await self.policies.get(model)
         step = self._step(await self.rollouts.get(model))
-        for sample in event.samples:
-            self._window(model, sample.version).add(sample)
-            self.metrics.samples.labels(model, str(sample.version), str(sample.ok).lower()).inc()
-            if step is not None:
-                step.add(sample, event.sample_rate)
+        out: list[Event] = []
         for feedback in event.feedback:
             self._window(model, feedback.version).add_feedback(feedback)
             if step is not None:
                 step.add_feedback(feedback)
-        out: list[Event] = []
-        for key, window in list(self.windows.items()):
-            if key[0] == model and window.full(policy.drift.window_size):
+        for sample in event.samples:
+            window = self._window(model, sample.version)
+            window.add(sample)
+            self.metrics.samples.labels(model, str(sample.version), str(sample.ok).lower()).inc()
+            if step is not None:
+                step.add(sample, event.sample_rate)
+            if window.full(policy.drift.window_size):  # exactly window_size samples, even mid-batch
                 out += await self._close(window, policy)
         out += await self._verdict(model)
         return out
@@ -255,13 +254,12 @@ class Monitor:
         step, policy = self.steps.get(model), self._policy.get(model)
         if step is None or policy is None:
             return []
-        key = (model, step.canary, step.weight, step.started)
-        if key in self.judged:
+        if step.judged:
             return []
         verdict = judge(step, policy, datetime.now(UTC))
         if verdict is None:
             return []
-        self.judged.add(key)
+        step.judged = True
         already: list[bool] = []
 
         def change(record: ModelRecord) -> None:
