@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -383,7 +384,7 @@ async def test_the_shadow_sees_every_request_and_changes_no_answer(world, traine
         assert dropped > 0 and dropped + compared <= 40
 
 
-async def test_bad_requests_get_clear_codes(world, trained):
+async def test_bad_requests_get_clear_codes(world, trained, triton_server):
     async with world.gateway():
         event, _ = trained
         _, png = digit_png()
@@ -441,6 +442,24 @@ async def test_bad_requests_get_clear_codes(world, trained):
         assert all(r.status_code == 200 for r in answered)
         await asyncio.sleep(1.5)
         assert sum(len(e.samples) for e in world.logged) == before
+
+        # Triton cannot answer (a routed version it never loaded): 503, and the failure is logged, so the
+        # monitor counts it in the version's error rate.
+        await kv.put(world.model, ModelPolicy(model=world.model).model_dump_json().encode())
+        await asyncio.sleep(1.0)
+        folder = triton_server.model_repository / world.model
+        (folder / "9").mkdir()
+        shutil.copy(folder / "1" / "serving_spec.json", folder / "9" / "serving_spec.json")
+        await world.route(active_version=9)
+        failed = await world.predict(png)
+        assert failed.status_code == 503 and failed.json()["error"] == "triton_unavailable", failed.text
+        for _ in range(100):
+            errors = [x for e in world.logged for x in e.samples if not x.ok]
+            if errors:
+                break
+            await asyncio.sleep(0.05)
+        assert errors and errors[0].version == 9 and errors[0].error == "triton_unavailable"
+        assert errors[0].label is None and errors[0].latency_ms >= 0
 
 
 async def test_feedback_becomes_labelled_data_that_ingest_versions(
