@@ -10,6 +10,7 @@ from typing import Any
 
 from opentelemetry.sdk.trace import SpanProcessor
 
+from contracts.envelope import Event
 from contracts.events import DatasetVersioned, ModelPromoted, ModelTrained, SplitCounts
 from contracts.examples import example_event
 from services.ingest.datarepo import DataRepo
@@ -98,3 +99,24 @@ def commit_version(
         source_digest=manifest.source_digest(),
         ingest_seconds=0.0,
     )
+
+
+class Seen:
+    """The events a test's consumers collected, and a wait for a condition on them."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def collect(self, event: Event, _: Delivery) -> None:
+        """A handler for ``EventBus.consume``."""
+        self.events.append(event)
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float = 120) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out; seen {self.events}")
+            await asyncio.sleep(0.05)
+
+    def of(self, cls: type[Event]) -> list[Any]:
+        return [e for e in self.events if isinstance(e, cls)]

@@ -183,20 +183,10 @@ def _latency(canary: Side, champion: Side, ratio: float, slack_ms: float) -> Gat
 
 def _accuracy(canary: Side, champion: Side, drop: float, minimum: int) -> GateResult:
     ours, theirs = canary.accuracy, champion.accuracy
-    if ours is None or canary.feedback_total < minimum:
-        return GateResult(
-            name="live_accuracy",
-            value=ours,
-            passed=True,
-            detail=f"{canary.feedback_total} feedback labels for the canary (needs {minimum})",
-        )
-    if theirs is None or champion.feedback_total < minimum:
-        return GateResult(
-            name="live_accuracy",
-            value=ours,
-            passed=True,
-            detail=f"{champion.feedback_total} feedback labels for the champion (needs {minimum})",
-        )
+    short = [f"{s.feedback_total} for the {n}" for n, s in (("canary", canary), ("champion", champion))]
+    if ours is None or theirs is None or min(canary.feedback_total, champion.feedback_total) < minimum:
+        detail = f"feedback labels: {', '.join(short)} (needs {minimum} each)"
+        return GateResult(name="live_accuracy", value=ours, passed=True, detail=detail)
     limit = theirs - drop
     return _check(
         "live_accuracy",

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from contracts.envelope import Event
 from contracts.events import CanaryVerdict, DriftCleared, DriftDetected, InferenceLogged
 from contracts.kv import DriftPolicy, ModelPolicy, RolloutState
 from deploy.local.natsconf import ADMIN_USER
@@ -21,27 +20,12 @@ from services.monitor.config import MonitorSettings
 from services.monitor.state import MonitorState
 from services.runtime.bus import EventBus
 from services.runtime.config import Settings
-from services.runtime.consumer import Delivery
 from tests import traffic
+from tests.flows import Seen
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 WINDOW = 150  # distinct held-out images per window (the test split has ~180)
-
-
-class Seen:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    async def wait(self, predicate: Callable[[], bool], timeout: float = 60) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not predicate():
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out; seen {self.events}")
-            await asyncio.sleep(0.05)
-
-    def of(self, cls: type[Event]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, cls)]
 
 
 @pytest.fixture
@@ -62,12 +46,9 @@ async def world(
     )
     seen = Seen()
 
-    async def collect(event: Event, _: Delivery) -> None:
-        seen.events.append(event)
-
     bus = EventBus(admin)
     for cls in (DriftDetected, DriftCleared, CanaryVerdict):
-        bus.consume(cls, collect, durable=f"tests-{cls.type.replace('.', '-')}")
+        bus.consume(cls, seen.collect, durable=f"tests-{cls.type.replace('.', '-')}")
     async with bus:
         yield settings, bus, seen
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,6 @@ import httpx
 import numpy as np
 import pytest
 
-from contracts.envelope import Event
 from contracts.events import (
     ArtifactRef,
     ModelDeployed,
@@ -27,28 +26,13 @@ from contracts.kv import RolloutPlan, RolloutState
 from deploy.local.natsconf import ADMIN_USER
 from services.runtime.bus import EventBus
 from services.runtime.config import Settings
-from services.runtime.consumer import Delivery
 from services.serving.app import build
 from services.serving.config import ServingSettings
 from services.trainer.tracking import MlflowTracker
 from tests import images
+from tests.flows import Seen
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-class Seen:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    async def wait(self, predicate: Callable[[], bool], timeout: float = 120) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not predicate():
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out; seen {self.events}")
-            await asyncio.sleep(0.05)
-
-    def of(self, cls: type[Event]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, cls)]
 
 
 @pytest.fixture
@@ -76,12 +60,9 @@ async def world(
     )
     seen = Seen()
 
-    async def collect(event: Event, _: Delivery) -> None:
-        seen.events.append(event)
-
     bus = EventBus(admin)
-    bus.consume(ModelDeployed, collect, durable="tests-deployed")
-    bus.consume(ModelDeployFailed, collect, durable="tests-deploy-failed")
+    bus.consume(ModelDeployed, seen.collect, durable="tests-deployed")
+    bus.consume(ModelDeployFailed, seen.collect, durable="tests-deploy-failed")
     async with bus:
         yield settings, bus, seen
 
