@@ -144,7 +144,8 @@ def _demo(
     if got is None and before:
         console.print(
             f"   no new version: the same files are already {DATASET}@{before[-1].version} "
-            "(the same content never makes a new version, so nothing is trained again either)"
+            "(the same content never makes a new version, so nothing is trained again either). "
+            "To watch the whole loop again from the start: `conveyor down && rm -rf .conveyor && make demo`"
         )
         show_version(before[-1])
         return _next(settings, console)
