@@ -28,7 +28,10 @@ from services.runtime.policy import Policies
 from services.runtime.rollouts import Rollouts
 from services.runtime.telemetry import get_logger
 
-__all__ = ["Monitor"]
+__all__ = ["KEPT_VERSIONS", "Monitor"]
+
+KEPT_VERSIONS = 10
+"""Versions of one model whose windows the KV state keeps (older ones leave unless drifting)."""
 
 
 class Monitor:
@@ -182,6 +185,11 @@ class Monitor:
             kept = record.versions.setdefault(version, VersionRecord())
             kept.windows = [*kept.windows, summary][-self.history :]
             kept.closed += 1
+            # One KV value per model: keep the newest versions' windows (and any still drifting).
+            others = sorted(v for v in record.versions if v != version)
+            for old in others[: max(0, len(others) - (KEPT_VERSIONS - 1))]:
+                if record.versions[old].drifting_since is None:
+                    del record.versions[old]
 
         return await self.state.update(model, change)
 
