@@ -584,6 +584,20 @@ def fit_spec(
 # ---- statistics ----------------------------------------------------------------------------------------
 
 
+def _percentiles(values: np.ndarray[Any, Any], *qs: float) -> list[float]:
+    """``np.percentile(values, qs)`` (its default linear method, the same arithmetic) from one partition:
+    a third of the time on a 32 x 32 image, where the gateway computes it on every sampled request."""
+    positions = [q / 100 * (len(values) - 1) for q in qs]
+    below = [int(np.floor(p)) for p in positions]
+    above = [min(b + 1, len(values) - 1) for b in below]
+    ordered = np.partition(values, sorted({*below, *above}))
+    out = []
+    for position, lo, hi in zip(positions, below, above, strict=True):
+        a, b, t = float(ordered[lo]), float(ordered[hi]), position - lo
+        out.append(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
+    return out
+
+
 def image_stats(image: np.ndarray[Any, Any]) -> dict[str, float]:
     """``mean``, ``std``, ``contrast`` (p98 - p2) and ``sharpness`` (variance of the Laplacian) of an image in
     [0, 1] (H x W or H x W x C, as ``decode`` or ``prepare`` give it), on its gray image (mean over channels).
@@ -592,7 +606,7 @@ def image_stats(image: np.ndarray[Any, Any]) -> dict[str, float]:
     """
     array = as_float_image(image)
     gray = array[:, :, 0].astype(np.float64) if array.shape[2] == 1 else array.mean(axis=2, dtype=np.float64)
-    low, high = np.percentile(gray, (2.0, 98.0))
+    low, high = _percentiles(gray.ravel(), 2.0, 98.0)
     if gray.shape[0] >= 3 and gray.shape[1] >= 3:
         laplacian = (
             gray[1:-1, :-2] + gray[1:-1, 2:] + gray[:-2, 1:-1] + gray[2:, 1:-1] - 4.0 * gray[1:-1, 1:-1]

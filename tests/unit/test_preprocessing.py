@@ -462,3 +462,17 @@ def test_preprocessing_is_cheap() -> None:
     for _ in range(100):
         image_stats(prepared)
     assert time.perf_counter() - start < 1.0
+
+
+def test_the_contrast_percentiles_equal_numpys():
+    """``image_stats`` takes p2 and p98 from one partition; the values must be numpy's to the bit, or the
+    reference profiles the trainer computed and the gateway's live statistics would disagree."""
+    from services.runtime.preprocessing import _percentiles
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 7, 50, 1024, 50_176):
+        for _ in range(30):
+            values = rng.random(n)
+            if rng.random() < 0.3:
+                values = np.round(values, 1)  # ties
+            assert _percentiles(values, 2.0, 98.0) == list(np.percentile(values, (2.0, 98.0)))
