@@ -47,7 +47,7 @@ from services.serving.tritonconfig import TritonOptions
 from services.trainer.export import export_torchscript
 from services.trainer.model import build_model
 from tests import images
-from tests.servers import free_port, gateway_env, run_nats, run_triton
+from tests.servers import free_port, gateway_env, run_nats, run_triton, wait_until_ok
 
 PREFIX = "bench"
 
@@ -203,13 +203,7 @@ async def main(seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
             gateway = subprocess.Popen(argv, env=env)  # noqa: ASYNC220 - started once, before any measuring
             try:
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-                    for _ in range(300):
-                        try:
-                            if (await http.get("/readyz")).status_code == 200:
-                                break
-                        except httpx.TransportError:
-                            pass
-                        await asyncio.sleep(0.1)
+                    await wait_until_ok(http, "/readyz", seconds=30, alive=lambda: gateway.poll() is None)
 
                     def through_gateway(model: str) -> Any:
                         async def call(png: bytes) -> None:

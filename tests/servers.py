@@ -8,15 +8,17 @@ fixtures; use them directly when a test needs a server of its own (for example t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from minio import Minio
 
 from contracts.names import SERVICES, Subjects
@@ -35,6 +37,7 @@ __all__ = [
     "run_part",
     "run_s3",
     "run_triton",
+    "wait_until_ok",
 ]
 
 
@@ -246,3 +249,19 @@ def gateway_env(prefix: str, state_dir: Path, nats: NatsServer, triton: TritonSe
         "CONVEYOR_GATEWAY_WORKERS": "2",
         "CONVEYOR_INFERENCE_MAX_BYTES": str(16 * 1024**2),
     }
+
+
+async def wait_until_ok(
+    http: httpx.AsyncClient, path: str, *, seconds: float, alive: Callable[[], bool] = lambda: True
+) -> None:
+    """Poll ``path`` every 0.1 s until it answers 200; ``AssertionError`` when ``alive()`` turns false (the
+    process exited) or ``seconds`` pass first."""
+    for _ in range(int(seconds * 10)):
+        assert alive(), f"the server behind {http.base_url} exited"
+        try:
+            if (await http.get(path)).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{http.base_url}{path} did not answer 200 within {seconds:.0f} s")

@@ -32,7 +32,7 @@ from services.runtime.consumer import Delivery
 from services.serving.app import build as build_serving
 from services.serving.config import ServingSettings
 from tests import images
-from tests.servers import free_port, gateway_env
+from tests.servers import free_port, gateway_env, wait_until_ok
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -57,14 +57,7 @@ class World:
         base = f"http://127.0.0.1:{port}"
         try:
             async with httpx.AsyncClient(base_url=base, timeout=30) as http:
-                for _ in range(600):
-                    assert proc.poll() is None, "the gateway exited"
-                    try:
-                        if (await http.get("/healthz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.1)
+                await wait_until_ok(http, "/healthz", seconds=60, alive=lambda: proc.poll() is None)
                 self.http = http
                 await self.synced(http)
                 yield http

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import httpx
 import pytest
@@ -14,14 +13,9 @@ from contracts.examples import example_event
 from services.runtime.bus import EventBus
 from services.runtime.consumer import Delivery
 from services.runtime.service import build_app
+from tests.servers import free_port, wait_until_ok
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_health_readiness_and_metrics(service_settings):
@@ -37,13 +31,7 @@ async def test_health_readiness_and_metrics(service_settings):
     serving = asyncio.create_task(server.serve())
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            for _ in range(100):
-                try:
-                    if (await http.get("/readyz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
+            await wait_until_ok(http, "/readyz", seconds=10)
             assert (await http.get("/healthz")).status_code == 204
             async with EventBus(service_settings("trainer")) as trainer:
                 await trainer.publish(example_event(ModelTrained))
