@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from contracts.events import InferenceSample
+from deploy.local.loop import brighter
 from services.ingest.manifest import assign_split
 from services.runtime.preprocessing import PreprocessSpec
 from services.serving.gateway.app import _prepare_all
@@ -83,10 +84,6 @@ def _edit(data: bytes, change) -> bytes:  # type: ignore[no-untyped-def]
     out = io.BytesIO()
     change(Image.open(io.BytesIO(data)).convert("L")).save(out, format="PNG")
     return out.getvalue()
-
-
-def brighter(data: bytes, offset: int = 70) -> bytes:
-    return _edit(data, lambda im: im.point(lambda v: min(255, v + offset)))
 
 
 def blurred(data: bytes, radius: float = 2.0) -> bytes:

@@ -169,8 +169,7 @@ def _retrained(
             return False
         console.print(f"   {_describe(event)}")
     console.print("[bold]10. Canary[/]: traffic until the monitor judges the canary against the champion")
-    plain = [p.read_bytes() for p in files[:200]]
-    mixed = [data for _, data in drifted[:100]] + plain[:100]
+    mixed = [data for _, data in drifted[:100]] + [p.read_bytes() for p in files[:100]]
     verdict: Event | None = None
     deadline = time.monotonic() + 180
     round_ = 0
