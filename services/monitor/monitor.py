@@ -98,7 +98,7 @@ class Monitor:
         key = (model, version)
         window = self.windows.get(key)
         if window is None:
-            window = self.windows[key] = Window(model, version, self.clock(), self.embedding_sample)
+            window = self.windows[key] = self._open(model, version)
             while len(self.windows) > self.max_versions:
                 dropped, _ = self.windows.popitem(last=False)
                 self.log.info(
@@ -106,6 +106,9 @@ class Monitor:
                 )
         self.windows.move_to_end(key)
         return window
+
+    def _open(self, model: str, version: int) -> Window:
+        return Window(model, version, self.clock(), self.embedding_sample)
 
     def _step(self, rollout: RolloutState) -> CanaryStep | None:
         """The model's current canary step (a new one when the canary or its weight changed)."""
@@ -131,7 +134,7 @@ class Monitor:
     async def _close(self, window: Window, policy: ModelPolicy) -> list[Event]:
         """Evaluate a closed window, record it, and say what changed (drift, recovery or nothing)."""
         model, version = window.model, window.version
-        self.windows[(model, version)] = Window(model, version, self.clock(), self.embedding_sample)
+        self.windows[(model, version)] = self._open(model, version)
         now = datetime.now(UTC)
         summary = WindowSummary(
             start=window.start,
@@ -176,12 +179,20 @@ class Monitor:
             outcome=summary.outcome,
             drifted=[t.name for t in tests if t.drifted],
         )
-        record = await self._record(model, version, summary)
+        record, events = await self._record(model, version, summary, policy.drift.cooldown_s)
         await self._log_to_mlflow(model, version, summary, record.versions[version].closed)
-        return await self._announce(model, version, summary, policy)
+        return events
 
-    async def _record(self, model: str, version: int, summary: WindowSummary) -> ModelRecord:
+    async def _record(
+        self, model: str, version: int, summary: WindowSummary, cooldown_s: float = 0.0
+    ) -> tuple[ModelRecord, list[Event]]:
+        """Keep the window in the model's KV state and, for a judged one, decide in the same write what to
+        announce: ``drift.detected`` for a drifting window outside the model's cooldown, ``drift.cleared``
+        for the first clean window after a reported drift. Deciding in the write makes replicas agree."""
+        events: list[Event] = []
+
         def change(record: ModelRecord) -> None:
+            events.clear()
             kept = record.versions.setdefault(version, VersionRecord())
             kept.windows = [*kept.windows, summary][-self.history :]
             kept.closed += 1
@@ -190,56 +201,51 @@ class Monitor:
             for old in others[: max(0, len(others) - (KEPT_VERSIONS - 1))]:
                 if record.versions[old].drifting_since is None:
                     del record.versions[old]
+            if summary.outcome in ("drift", "clear"):
+                events.extend(self._announce(record, version, summary, cooldown_s))
 
-        return await self.state.update(model, change)
-
-    async def _announce(
-        self, model: str, version: int, summary: WindowSummary, policy: ModelPolicy
-    ) -> list[Event]:
-        """``drift.detected`` for a drifting window outside the model's cooldown; ``drift.cleared`` for the
-        first clean window after a reported drift. The decision is made in the KV write, so replicas agree."""
-        assert summary.start is not None and summary.end is not None
-        events: list[Event] = []
-        now = summary.closed_at
-
-        def change(record: ModelRecord) -> None:
-            events.clear()
-            kept = record.versions[version]
-            if summary.outcome == "drift":
-                last = record.last_drift_at
-                if last is not None and (now - last).total_seconds() < policy.drift.cooldown_s:
-                    return
-                record.last_drift_at, kept.drifting_since = now, summary.end
-                events.append(
-                    DriftDetected(
-                        model=model,
-                        version=version,
-                        window_start=summary.start,
-                        window_end=summary.end,
-                        sample_count=summary.samples,
-                        severity=summary.severity,
-                        tests=summary.tests,
-                        live_accuracy=summary.live_accuracy,
-                    )
-                )
-            elif kept.drifting_since is not None:
-                events.append(
-                    DriftCleared(
-                        model=model,
-                        version=version,
-                        window_start=summary.start,
-                        window_end=summary.end,
-                        sample_count=summary.samples,
-                        drifted_since=kept.drifting_since,
-                        tests=summary.tests,
-                    )
-                )
-                kept.drifting_since = None
-
-        await self.state.update(model, change)
+        record = await self.state.update(model, change)
         if summary.outcome == "drift" and not events:
             self.log.info("drift within the cooldown: not announced again", model=model, version=version)
-        return events
+        return record, events
+
+    @staticmethod
+    def _announce(
+        record: ModelRecord, version: int, summary: WindowSummary, cooldown_s: float
+    ) -> list[Event]:
+        assert summary.start is not None and summary.end is not None
+        kept = record.versions[version]
+        if summary.outcome == "drift":
+            last = record.last_drift_at
+            if last is not None and (summary.closed_at - last).total_seconds() < cooldown_s:
+                return []
+            record.last_drift_at, kept.drifting_since = summary.closed_at, summary.end
+            return [
+                DriftDetected(
+                    model=record.model,
+                    version=version,
+                    window_start=summary.start,
+                    window_end=summary.end,
+                    sample_count=summary.samples,
+                    severity=summary.severity,
+                    tests=summary.tests,
+                    live_accuracy=summary.live_accuracy,
+                )
+            ]
+        if kept.drifting_since is None:
+            return []
+        since, kept.drifting_since = kept.drifting_since, None
+        return [
+            DriftCleared(
+                model=record.model,
+                version=version,
+                window_start=summary.start,
+                window_end=summary.end,
+                sample_count=summary.samples,
+                drifted_since=since,
+                tests=summary.tests,
+            )
+        ]
 
     async def _log_to_mlflow(self, model: str, version: int, summary: WindowSummary, step: int) -> None:
         if not self.log_to_mlflow:

@@ -29,7 +29,7 @@ class ProfileError(RuntimeError):
 class ProfileSource(Protocol):
     def run_of(self, model: str, version: int) -> str: ...
 
-    def profile(self, model: str, version: int) -> dict[str, Any]: ...
+    def profile(self, model: str, version: int, run_id: str) -> dict[str, Any]: ...
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None: ...
 
@@ -52,8 +52,7 @@ class MlflowProfiles:
             raise ProfileError(f"{model} version {version} has no run, so no reference profile")
         return str(run_id)
 
-    def profile(self, model: str, version: int) -> dict[str, Any]:
-        run_id = self.run_of(model, version)
+    def profile(self, model: str, version: int, run_id: str) -> dict[str, Any]:
         dest = self.cache_dir / model / str(version)
         dest.mkdir(parents=True, exist_ok=True)
         try:
@@ -79,28 +78,36 @@ class MlflowProfiles:
 
 
 class Profiles:
-    """The parsed references of the versions seen most recently, at most ``max_versions`` of them."""
+    """The parsed references of the versions seen most recently, at most ``max_versions`` of them, and the
+    run of each (looked up once: the profile and the window metrics both need it)."""
 
     def __init__(self, source: ProfileSource, *, max_versions: int) -> None:
         self.source = source
         self.max_versions = max_versions
         self._cache: OrderedDict[tuple[str, int], Reference] = OrderedDict()
-        self._runs: dict[tuple[str, int], str] = {}
+        self._runs: OrderedDict[tuple[str, int], str] = OrderedDict()
 
     async def get(self, model: str, version: int) -> Reference:
         key = (model, version)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        raw = await asyncio.to_thread(self.source.profile, model, version)
-        reference = Reference.from_profile(raw)
-        self._cache[key] = reference
+        run_id = await self._run(model, version)
+        raw = await asyncio.to_thread(self.source.profile, model, version, run_id)
+        reference = self._cache[key] = Reference.from_profile(raw)
         while len(self._cache) > self.max_versions:
             self._cache.popitem(last=False)
         return reference
 
     async def log_metrics(self, model: str, version: int, metrics: dict[str, float], step: int) -> None:
+        run_id = await self._run(model, version)
+        await asyncio.to_thread(self.source.log_metrics, run_id, metrics, step)
+
+    async def _run(self, model: str, version: int) -> str:
         key = (model, version)
         if key not in self._runs:
             self._runs[key] = await asyncio.to_thread(self.source.run_of, model, version)
-        await asyncio.to_thread(self.source.log_metrics, self._runs[key], metrics, step)
+            while len(self._runs) > self.max_versions:
+                self._runs.popitem(last=False)
+        self._runs.move_to_end(key)
+        return self._runs[key]

@@ -27,6 +27,6 @@ async def test_the_kv_state_keeps_the_newest_versions_and_the_drifting_ones():
     monitor.state.record.versions[1] = VersionRecord(drifting_since=START)
     summary = WindowSummary(closed_at=START, samples=1, outcome="too_few")
     for version in [*range(2, 30), 3]:
-        record = await monitor._record("m", version, summary)
+        record, _ = await monitor._record("m", version, summary)
     assert 3 in record.versions and 1 in record.versions  # the one just recorded, the drifting one
     assert len(record.versions) <= KEPT_VERSIONS + 1 and max(record.versions) == 29
