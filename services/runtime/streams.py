@@ -7,7 +7,7 @@ declared configuration, a missing one is created.
 from __future__ import annotations
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, ObjectStoreConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 
 from contracts.names import StreamSpec, Subjects
@@ -92,5 +92,12 @@ async def ensure_streams(
                 replicas=replicas,
             ),
         )
+    # The gateway writes images without waiting for acks (services/serving/gateway/kept.py): when full,
+    # the store drops its oldest predictions rather than refusing the newest ones.
+    stream = f"OBJ_{subjects.predictions_store}"
+    config = (await js.stream_info(stream)).config
+    if config.discard != DiscardPolicy.OLD:
+        config.discard = DiscardPolicy.OLD
+        await js.update_stream(config)
     names.append(subjects.predictions_store)
     return names

@@ -11,7 +11,7 @@ import uvicorn
 
 from services.runtime.telemetry import setup_logging
 from services.serving.gateway.config import GatewaySettings
-from services.serving.gateway.protocol import NoDelayH11Protocol
+from services.serving.gateway.protocol import NoDelayHttpToolsProtocol
 
 settings = GatewaySettings()
 setup_logging(settings)
@@ -26,7 +26,8 @@ uvicorn.run(
     host="127.0.0.1",
     port=settings.port,
     workers=settings.gateway_workers,
-    http=NoDelayH11Protocol,  # TCP_NODELAY also when the socket is shared with the workers
+    http=NoDelayHttpToolsProtocol,  # TCP_NODELAY also when the socket is shared with the workers
+    loop="uvloop",
     log_level="warning",
     access_log=False,
 )

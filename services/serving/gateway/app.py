@@ -33,15 +33,17 @@ import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+import orjson
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.datastructures import UploadFile
 
@@ -63,13 +65,55 @@ from services.runtime.tasks import cancel
 from services.runtime.telemetry import get_logger
 from services.serving.gateway.catalog import Catalog, ServedSpec
 from services.serving.gateway.config import GatewaySettings
+from services.serving.gateway.kept import Kept
 from services.serving.gateway.routing import Route, choose, mirror
 
 __all__ = ["Gateway", "create_app"]
 
 RETRY_AFTER_S = "2"
+# Smaller bodies are decoded on the event loop: handing them to a thread costs more (≈70-100 µs here) than
+# decoding a small image; larger ones go to a thread so the loop keeps serving other requests meanwhile.
+INLINE_DECODE_BYTES = 64 * 1024
 MAX_IMAGES_BEING_KEPT = 256  # puts to the object store in flight; beyond, an image is not kept (counted)
+INLINE_STATS_VALUES = 128 * 128  # statistics of larger prepared images are computed in a thread
 _EXTENSIONS = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpg", b"II*\x00": "tif", b"MM\x00*": "tif"}
+
+
+PREDICT_RESPONSE: dict[str, Any] = {
+    "description": "one prediction per image, in the order sent",
+    "content": {
+        "application/json": {
+            "example": {
+                "model": "digits",
+                "version": 3,
+                "route": "active",
+                "predictions": [
+                    {
+                        "prediction_id": "0d6c4b1e9f5a4f7e8a3c2b1d0e9f8a7b",
+                        "label": "7",
+                        "confidence": 0.982,
+                        "probabilities": {"1": 0.011, "7": 0.982, "9": 0.007},
+                    }
+                ],
+            }
+        }
+    },
+}
+
+
+class LeanRoute(APIRoute):
+    """An ``APIRoute`` (so the endpoint is in the OpenAPI document) whose handler calls the endpoint with the
+    path parameters and the request as they come: no dependency solving, no encoding of the returned value,
+    which must be a ``Response``. For predict: ≈90 µs less per request on the 2-core machine."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint = self.endpoint
+
+        async def handler(request: Request) -> Response:
+            response: Response = await endpoint(request=request, **request.path_params)
+            return response
+
+        return handler
 
 
 class ApiError(Exception):
@@ -109,8 +153,8 @@ class Gateway:
         )
         self._shadow_tasks: list[asyncio.Task[None]] = []
         self.policies = Policies(lambda: self.bus.js, settings.subjects.kv.policy)
-        self._keeping: set[asyncio.Task[None]] = set()
-        self._store: Any = None
+        self._after: set[asyncio.Task[None]] = set()  # the work of answered predictions (_after_answer)
+        self.kept = Kept(lambda: self.bus.nc, lambda: self.bus.js, settings.subjects.predictions_store)
         self.s3 = s3_client(settings)  # feedback images go to the incoming bucket
         self.log = get_logger(component="gateway")
         self.metrics = CollectorRegistry()
@@ -155,12 +199,12 @@ class Gateway:
         self._shadow_tasks = [asyncio.create_task(self._shadow_worker()) for _ in range(2)]
 
     async def stop(self) -> None:
+        if self._after:  # answered predictions still logging or keeping their images
+            await asyncio.wait(self._after, timeout=5)
         for task in self._shadow_tasks:
             await cancel(task)
         await self.catalog.stop()
         await self.inference_log.stop()
-        if self._keeping:
-            await asyncio.wait(self._keeping, timeout=5)
         for client in self._clients:
             await client.close()
         await self.bus.broker.stop()
@@ -178,7 +222,10 @@ class Gateway:
         policy = self.catalog.sampling(model)
         sampled = self.inference_log.sampled(model, policy.inference_log_rate if policy else None)
         try:
-            batch, stats = await asyncio.to_thread(_prepare_all, images, spec, sampled)
+            if sum(map(len, images)) <= INLINE_DECODE_BYTES:
+                batch, prepared = _prepare_all(images, spec, sampled)
+            else:
+                batch, prepared = await asyncio.to_thread(_prepare_all, images, spec, sampled)
         except UnsupportedImageFormat as exc:
             raise ApiError(415, "unsupported_image", str(exc)) from exc
         except ImageDecodeError as exc:
@@ -188,7 +235,7 @@ class Gateway:
             answer = await self._infer(model, version, route, spec, batch)
         except ApiError as exc:  # the monitor counts failed requests per version (canary error rate)
             if sampled:
-                self._log(model, _failed(len(images), version, route, started, exc.error, stats))
+                self._log(model, _failed(len(images), version, route, started, exc.error, _stats(prepared)))
             raise
         probabilities = _softmax(answer.logits)
         ids = [uuid.uuid4().hex for _ in images]
@@ -204,75 +251,84 @@ class Gateway:
             }
             for i in range(len(images))
         ]
-        self._keep(model, version, ids, images, [spec.labels[int(i)] for i in top])
-        samples = self._samples(stats, answer, predictions, ids) if sampled else []
-        if mirror(state, version) is not None:
-            try:
-                self.shadow_queue.put_nowait((model, batch, answer, samples))
-            except asyncio.QueueFull:
-                self.shadow_dropped.labels(model).inc()
-                self._log(model, samples)
-        else:
-            self._log(model, samples)
+        keep = self.settings.gateway_keep_images
+        if keep and len(self._after) >= MAX_IMAGES_BEING_KEPT:  # NATS takes no more: these are not kept
+            self.images_not_kept.labels(model).inc(len(images))
+            keep = False
+        task = asyncio.create_task(
+            self._after_answer(model, state, answer, predictions, images if keep else [], batch, prepared)
+        )
+        self._after.add(task)
+        task.add_done_callback(self._after.discard)
         self.requests.labels(model, str(version), route, "200").inc()
         return {"model": model, "version": version, "route": route, "predictions": predictions}
 
+    async def _after_answer(
+        self,
+        model: str,
+        state: RolloutState,
+        answer: Answer,
+        predictions: list[dict[str, Any]],
+        images: list[bytes],
+        batch: np.ndarray,
+        prepared: list[np.ndarray],
+    ) -> None:
+        """What a prediction leaves for after its response is written (a task: it starts once the request's
+        own coroutine has written the response): the statistics and samples of a sampled request, the
+        shadow mirror, keeping the images for feedback."""
+        try:
+            samples: list[InferenceSample] = []
+            if prepared:
+                small = prepared[0].size <= INLINE_STATS_VALUES
+                stats = _stats(prepared) if small else await asyncio.to_thread(_stats, prepared)
+                samples = self._samples(stats, answer, predictions)
+            if mirror(state, answer.version) is not None:
+                try:
+                    self.shadow_queue.put_nowait((model, batch, answer, samples))
+                except asyncio.QueueFull:
+                    self.shadow_dropped.labels(model).inc()
+                    self._log(model, samples)
+            else:
+                self._log(model, samples)
+            if images:
+                await self._put_images(model, answer.version, predictions, images)
+        except Exception as exc:  # never the request's failure: it is answered already
+            self.log.warning("work after the answer failed", model=model, error=repr(exc))
+
     # ---- feedback ----------------------------------------------------------------------------------------
 
-    def _keep(self, model: str, version: int, ids: list[str], images: list[bytes], labels: list[str]) -> None:
-        """Keep the images in the predictions object store, in the background, never delaying the answer."""
-        if not self.settings.gateway_keep_images:
-            return
-        if len(self._keeping) >= MAX_IMAGES_BEING_KEPT:
-            self.images_not_kept.labels(model).inc(len(images))
-            return
-        task = asyncio.create_task(self._put_images(model, version, ids, images, labels))
-        self._keeping.add(task)
-        task.add_done_callback(self._keeping.discard)
-
     async def _put_images(
-        self, model: str, version: int, ids: list[str], images: list[bytes], labels: list[str]
+        self, model: str, version: int, predictions: list[dict[str, Any]], images: list[bytes]
     ) -> None:
-        from nats.js.api import ObjectMeta
-
+        """Keep the images in the predictions object store, so that feedback can label them."""
         try:
-            store = await self._predictions()
-            for pid, image, label in zip(ids, images, labels, strict=True):
-                about = json.dumps({"model": model, "version": version, "label": label})
-                await store.put(pid, image, meta=ObjectMeta(name=pid, description=about))
-        except Exception as exc:  # full or unreachable: the prediction stands, only its feedback is lost
+            for prediction, image in zip(predictions, images, strict=True):
+                about = {"model": model, "version": version, "label": prediction["label"]}
+                await self.kept.put(prediction["prediction_id"], image, about)
+        except Exception as exc:  # the client cannot buffer it: the prediction stands, its feedback is lost
             self.images_not_kept.labels(model).inc(len(images))
             self.log.warning("prediction images not kept", model=model, error=repr(exc))
 
-    async def _predictions(self) -> Any:
-        if self._store is None:
-            self._store = await self.bus.js.object_store(self.settings.subjects.predictions_store)
-        return self._store
-
     async def feedback(self, model: str, prediction_id: str, label: str) -> dict[str, Any]:
         """Store the image of an earlier prediction under its true label and tell the monitor."""
-        from nats.js.errors import NotFoundError, ObjectNotFoundError
-
         self.state_of(model)
         try:
             validate_name(label)
         except ValueError as exc:
             raise ApiError(422, "bad_label", f"label {label!r}: {exc}") from exc
-        try:
-            found = await (await self._predictions()).get(prediction_id)
-        except (ObjectNotFoundError, NotFoundError) as exc:
+        found = await self.kept.get(prediction_id)
+        if found is None:
             raise ApiError(
                 404,
                 "unknown_prediction",
                 f"no prediction {prediction_id!r} is held: it is unknown, or older than the predictions "
-                "store keeps images (CONVEYOR_INFERENCE_MAX_AGE_S)",
-            ) from exc
-        about = json.loads(found.info.description or "{}")
+                "store keeps images (CONVEYOR_INFERENCE_MAX_AGE_S, CONVEYOR_INFERENCE_MAX_BYTES)",
+            )
+        about, data = found.about, found.data
         if about.get("model") != model:
             raise ApiError(
                 404, "unknown_prediction", f"prediction {prediction_id!r} was not made by {model!r}"
             )
-        data = bytes(found.data or b"")
         extension = next((ext for magic, ext in _EXTENSIONS.items() if data.startswith(magic)), "img")
         dataset = (await self.policies.get(model)).dataset_name
         key = f"{dataset}/{label}/feedback-{prediction_id}.{extension}"
@@ -391,12 +447,12 @@ class Gateway:
         self._log(model, samples)
 
     def _samples(
-        self, stats: list[ImageStats], answer: Answer, predictions: list[dict[str, Any]], ids: list[str]
+        self, stats: list[ImageStats], answer: Answer, predictions: list[dict[str, Any]]
     ) -> list[InferenceSample]:
         now = datetime.now(UTC)
         return [
             InferenceSample.model_construct(
-                prediction_id=ids[i],
+                prediction_id=predictions[i]["prediction_id"],
                 time=now,
                 version=answer.version,
                 route=answer.route,
@@ -409,7 +465,7 @@ class Gateway:
                 embedding=answer.embedding[i].tolist() if answer.embedding is not None else None,
                 shadow=None,
             )
-            for i in range(len(ids))
+            for i in range(len(predictions))
         ]
 
     def _log(self, model: str, samples: list[InferenceSample]) -> None:
@@ -454,27 +510,34 @@ def _failed(
 
 
 def _prepare_all(
-    images: list[bytes], spec: ServedSpec, with_stats: bool
-) -> tuple[np.ndarray, list[ImageStats]]:
-    """The model's input batch, decoding each image once; its statistics too for a sampled request (on
-    ``prepare``'s output, as the trainer computed the reference profile)."""
+    images: list[bytes], spec: ServedSpec, keep_prepared: bool
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The model's input batch, decoding each image once; for a sampled request also ``prepare``'s output
+    of each, of which the statistics are taken (as the trainer took the reference profile's)."""
     pre = spec.preprocessing
     batch = np.empty((len(images), pre.channels, pre.size, pre.size), dtype=np.float32)
-    stats = []
+    kept = []
     for index, image in enumerate(images):
         try:
             prepared = prepare(image, pre)
         except ImageDecodeError as exc:
             raise type(exc)(f"image {index}: {exc}") from exc
         normalise(prepared, pre, out=batch[index])
-        if with_stats:
-            st = image_stats(prepared)
-            stats.append(
-                ImageStats.model_construct(
-                    mean=st["mean"], std=st["std"], contrast=st["contrast"], sharpness=st["sharpness"]
-                )
+        if keep_prepared:
+            kept.append(prepared)
+    return batch, kept
+
+
+def _stats(prepared: list[np.ndarray]) -> list[ImageStats]:
+    stats = []
+    for image in prepared:
+        st = image_stats(image)
+        stats.append(
+            ImageStats.model_construct(
+                mean=st["mean"], std=st["std"], contrast=st["contrast"], sharpness=st["sharpness"]
             )
-    return batch, stats
+        )
+    return stats
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -581,8 +644,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     tracer = gateway.bus.tracer_provider.get_tracer("conveyor.gateway")
 
-    @app.post("/v1/models/{model}/predict")
-    async def predict(model: str, request: Request) -> dict[str, Any]:
+    lean = APIRouter(route_class=LeanRoute)
+
+    @lean.post("/v1/models/{model}/predict", responses={200: PREDICT_RESPONSE})
+    async def predict(model: str, request: Request) -> Response:
         """Classify one image or a batch; see the module docs for the encodings."""
         authorize(request)
         policy = gateway.catalog.sampling(model)
@@ -595,8 +660,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 span.set_attributes(
                     {"conveyor.version": answer["version"], "conveyor.route": answer["route"]}
                 )
-                return answer
-        return await _predict(model, request)
+        else:
+            answer = await _predict(model, request)
+        # orjson straight to bytes: FastAPI's own encoding of a returned dict walks it first (≈55 µs here)
+        return Response(orjson.dumps(answer), media_type="application/json")
 
     async def _predict(model: str, request: Request) -> dict[str, Any]:
         started = time.perf_counter()
@@ -611,6 +678,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             ) from exc
         finally:
             gateway.latency.labels(model).observe(time.perf_counter() - started)
+
+    app.include_router(lean)
 
     @app.post("/v1/models/{model}/feedback", status_code=202)
     async def feedback(model: str, request: Request) -> dict[str, Any]:
