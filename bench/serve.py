@@ -6,12 +6,16 @@ batching on and off. Both Triton and gateway legs start from the same PNG bytes:
 
 (a) in-process TorchScript (decode + preprocess + forward in the bench process);
 (b) Triton gRPC directly: the client decodes and preprocesses, then sends the tensor;
-(c) the gateway (``python -m services.serving.gateway``, 2 workers): the client sends the bytes.
+(c) the gateway (``python -m services.serving.gateway``, 2 workers, default settings: every image kept for
+    feedback, every prediction in inference.logged): the client sends the bytes.
 
-With one client: p50 latency of each leg, the gateway's added p50 over (b) (target <= 1 ms) and its CPU time
-per request. With 32 concurrent clients: throughput of (c) over (b) (on 2 cores the gateway and Triton share
-the CPU), and dynamic batching on over off for (b) (target >= 1.5x). The gateway's RSS per worker (target
-<= 300 MB).
+With one client, (b) and (c) alternate request by request, so both legs see the same machine (on a noisy
+2-core machine two runs a few seconds apart differ by up to 2x): p50 latency of each, the gateway's added p50
+over (b) (target <= 1 ms) and its CPU time per request. The gateway's client is a lean keep-alive HTTP/1.1
+client on a raw socket, as a load generator is; with httpx as the client (reported beside it) its own CPU
+per request, ≈4 ms here, counts as the gateway's. With 32 concurrent clients: throughput of (c) over (b)
+(on 2 cores the gateway and Triton share the CPU), and dynamic batching on over off for (b) (target >=
+1.5x). The gateway's RSS per worker (target <= 300 MB).
 
 Run: ``.venv/bin/python bench/serve.py`` (``make bench``).
 """
@@ -124,6 +128,63 @@ async def run_clients(
     return len(latencies) / (time.perf_counter() - began), latencies
 
 
+async def paired(
+    first: Any, second: Any, payloads: list[Any], seconds: float
+) -> tuple[list[float], list[float]]:
+    """One client calling ``first`` and ``second`` in turn on the same payload for ``seconds``; the latencies
+    (ms) of each."""
+    a: list[float] = []
+    b: list[float] = []
+    stop = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < stop:
+        for call, into in ((first, a), (second, b)):
+            started = time.perf_counter()
+            await call(payloads[i % len(payloads)])
+            into.append((time.perf_counter() - started) * 1000)
+        i += 1
+    return a, b
+
+
+class LeanHttp:
+    """A keep-alive HTTP/1.1 client on one raw connection, one request at a time (a load generator's cost)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, path: str, body: bytes, content_type: str) -> bytes:
+        for attempt in (1, 2):  # the server closes a connection idle for 5 s: open a new one once
+            if self.streams is None:
+                self.streams = await asyncio.open_connection("127.0.0.1", self.port)
+            reader, writer = self.streams
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            try:
+                lines = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+                self.streams = None
+                if attempt == 2:
+                    raise
+                continue
+            length = next(
+                int(v) for k, _, v in (x.partition(b":") for x in lines) if k.lower() == b"content-length"
+            )
+            data = await reader.readexactly(length)
+            if not lines[0].startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"{lines[0].decode()}: {data[:200]!r}")
+            return data
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -204,40 +265,49 @@ async def main(seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
             try:
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
                     await wait_until_ok(http, "/readyz", seconds=30, alive=lambda: gateway.poll() is None)
+                    idle: list[LeanHttp] = []  # one connection per concurrent client, as a load generator
 
                     def through_gateway(model: str) -> Any:
                         async def call(png: bytes) -> None:
-                            r = await http.post(
-                                f"/v1/models/{model}/predict",
-                                content=png,
-                                headers={"Content-Type": "image/png"},
-                            )
-                            r.raise_for_status()
+                            connection = idle.pop() if idle else LeanHttp(port)
+                            await connection.post(f"/v1/models/{model}/predict", png, "image/png")
+                            idle.append(connection)
 
                         return call
 
+                    async def through_httpx(png: bytes) -> None:
+                        r = await http.post(
+                            "/v1/models/bench-nobatch/predict",
+                            content=png,
+                            headers={"Content-Type": "image/png"},
+                        )
+                        r.raise_for_status()
+
                     results: dict[str, Any] = {}
-                    for leg, factory in (("triton", direct), ("gateway", through_gateway)):
-                        for model in ("bench", "bench-nobatch"):
-                            call = factory(model)
-                            await run_clients(call, pngs, 4, 1.0)  # warm-up
-                            workers = children(gateway.pid)
-                            cpu_before = cpu_seconds(workers)
-                            progress(f"{leg} {model}: one client")
-                            rate1, lat1 = await run_clients(call, pngs, 1, seconds)
-                            cpu_per_request = (cpu_seconds(workers) - cpu_before) / max(1, len(lat1))
+                    workers = children(gateway.pid)
+                    for model in ("bench", "bench-nobatch"):
+                        b, c = direct(model), through_gateway(model)
+                        await paired(b, c, pngs, 1.0)  # warm-up
+                        progress(f"{model}: one client, Triton gRPC and the gateway in turn")
+                        cpu_before = cpu_seconds(workers)
+                        lat_b, lat_c = await paired(b, c, pngs, seconds)
+                        cpu_per_request = (cpu_seconds(workers) - cpu_before) / len(lat_c)
+                        for leg, call in (("triton", b), ("gateway", c)):
                             progress(f"{leg} {model}: 32 clients")
                             rate32, lat32 = await run_clients(call, pngs, 32, seconds)
                             results[f"{leg}.{model}"] = {
-                                "p50_ms_1_client": round(statistics.median(lat1), 3),
-                                "rps_1_client": round(rate1, 1),
+                                "p50_ms_1_client": round(
+                                    statistics.median(lat_b if leg == "triton" else lat_c), 3
+                                ),
                                 "rps_32_clients": round(rate32, 1),
                                 "p99_ms_32_clients": round(percentile(lat32, 99), 2),
-                                "gateway_cpu_ms_per_request": round(cpu_per_request * 1000, 3)
-                                if leg == "gateway"
-                                else None,
                             }
-                    rss = [round(rss_mb(pid), 1) for pid in children(gateway.pid)]
+                        results[f"gateway.{model}"]["cpu_ms_per_request"] = round(cpu_per_request * 1000, 3)
+                    progress("httpx as the gateway's client, one client")
+                    lat_b, lat_httpx = await paired(direct("bench-nobatch"), through_httpx, pngs, seconds)
+                    rss = [round(rss_mb(pid), 1) for pid in workers]
+                    for connection in idle:
+                        await connection.close()
             finally:
                 gateway.terminate()
                 gateway.wait(timeout=30)
@@ -245,11 +315,19 @@ async def main(seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
     b, c = results["triton.bench"], results["gateway.bench"]
     return {
         "bench": "serve",
-        "model": f"small_cnn 1x32x32, {spec_doc['labels'].__len__()} classes, python backend, CPU",
+        "model": f"small_cnn 1x32x32, {len(spec_doc['labels'])} classes, python backend, CPU",
         "in_process_p50_ms": round(statistics.median(in_process), 3),
         "legs": results,
         "gateway_added_p50_ms": round(c["p50_ms_1_client"] - b["p50_ms_1_client"], 3),
-        "gateway_cpu_ms_per_request": c["gateway_cpu_ms_per_request"],
+        "gateway_added_p50_ms_no_batching": round(
+            results["gateway.bench-nobatch"]["p50_ms_1_client"]
+            - results["triton.bench-nobatch"]["p50_ms_1_client"],
+            3,
+        ),
+        "gateway_cpu_ms_per_request": c["cpu_ms_per_request"],
+        "gateway_added_p50_ms_httpx_client_no_batching": round(
+            statistics.median(lat_httpx) - statistics.median(lat_b), 3
+        ),
         "gateway_over_triton_32_clients": round(c["rps_32_clients"] / b["rps_32_clients"], 3),
         "dynamic_batching_on_over_off_32_clients": round(
             b["rps_32_clients"] / results["triton.bench-nobatch"]["rps_32_clients"], 3
