@@ -13,7 +13,14 @@ from typing import Protocol
 
 from contracts.events import ArtifactRef
 
-__all__ = ["MODEL_DIR", "ArtifactClient", "ArtifactMismatch", "download_model_dir", "download_refs"]
+__all__ = [
+    "MODEL_DIR",
+    "ArtifactClient",
+    "ArtifactMismatch",
+    "download_model_dir",
+    "download_refs",
+    "download_registered",
+]
 
 MODEL_DIR = "model"
 """The folder of a run's artifacts that holds the exported model (the trainer's ``MODEL_DIR``)."""
@@ -107,3 +114,31 @@ def download_refs(refs: Mapping[str, ArtifactRef], dest: Path, tracking_uri: str
             f"{len(problems)} model file(s) do not match what the trainer published: " + "; ".join(problems)
         )
     return dest
+
+
+def download_registered(
+    tracking_uri: str, model: str, version: int, dest: Path
+) -> tuple[Path, dict[str, str]]:
+    """The ``model/`` folder of a registered version, found through the MLflow registry (the version's run)
+    and checked against the ``sha256.json`` the trainer logged beside the files: for a version that no
+    ``model.promoted`` announced (a route set by hand). Returns the folder and its files' hashes;
+    ``ArtifactMismatch`` when the version, its run or a file is missing or differs."""
+    import json
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        run_id = client.get_model_version(model, str(version)).run_id
+    except Exception as exc:
+        raise ArtifactMismatch(f"{model} version {version} is not in the MLflow registry: {exc}") from exc
+    if not run_id:
+        raise ArtifactMismatch(f"{model} version {version} has no run to download its files from")
+    try:
+        listed = client.download_artifacts(run_id, f"{MODEL_DIR}/sha256.json", str(dest / "sha256"))
+    except Exception as exc:
+        raise ArtifactMismatch(
+            f"the run {run_id} of {model}@{version} has no {MODEL_DIR}/sha256.json"
+        ) from exc
+    shas: dict[str, str] = json.loads(Path(listed).read_text())
+    return download_model_dir(client, run_id, dest / "files", shas), shas

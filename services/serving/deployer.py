@@ -10,10 +10,12 @@ On ``model.promoted`` (staging, canary, champion or shadow):
 4. answer ``model.deployed``, or ``model.deploy_failed`` with the reason after putting the previous config
    back, so the versions that served keep serving.
 
-On ``model.rolled_back`` the versions the routes now need are loaded again (from disk, no download): a
+On ``model.rolled_back`` the versions the routes now need are loaded again (from disk; a version pruned
+from disk is downloaded through the MLflow registry, as below): a
 champion rollback answers ``model.deployed`` for the version it went back to. A route set by hand
-(``conveyor route``) to a version on disk but not loaded is loaded by ``reconcile``, which the service runs
-every few seconds against the rollout states.
+(``conveyor route``) to a version that is not loaded is loaded by ``reconcile``, which the service runs every
+few seconds against the rollout states: from disk, or first downloaded through the MLflow registry (the
+version's run, checked against the ``sha256.json`` the trainer logged) when no ``model.promoted`` brought it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 
 from contracts.envelope import Event
 from contracts.events import ModelDeployed, ModelDeployFailed, ModelPromoted, ModelRolledBack
-from services.runtime.artifacts import ArtifactMismatch, download_refs
+from services.runtime.artifacts import ArtifactMismatch, download_refs, download_registered
 from services.runtime.rollouts import Rollouts, routed_versions
 from services.runtime.telemetry import get_logger
 from services.serving.repository import ModelRepository
@@ -60,6 +62,7 @@ class Deployer:
         self.log = get_logger(component="deployer")
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._told: set[tuple[str, frozenset[int]]] = set()
+        self._not_downloaded: set[tuple[str, int]] = set()
 
     async def on_promoted(self, event: ModelPromoted) -> Event | None:
         if event.to_stage not in DEPLOYED_STAGES:
@@ -109,6 +112,11 @@ class Deployer:
         async with self._locks[model]:
             started = time.monotonic()
             needed = routed_versions(await self.rollouts.get(model))
+            for version in sorted(needed - set(self.repository.on_disk(model))):
+                try:
+                    await self._fetch_registered(model, version)
+                except DeployFailed as exc:
+                    self.log.error("a version the routes need could not be downloaded", reason=exc.reason)
             if not needed & set(self.repository.on_disk(model)):
                 self.log.error("rollback to a version not on disk", model=model, needed=sorted(needed))
                 return None
@@ -143,18 +151,25 @@ class Deployer:
             )
 
     async def reconcile(self, model: str, routed: set[int]) -> list[int] | None:
-        """Load the routed versions the config lacks (a route set by hand), from disk; None when nothing
-        was missing, none of them is on disk, or they failed to load before (each case is logged once)."""
+        """Load the routed versions the config lacks (a route set by hand): from disk, or downloaded from
+        the MLflow registry when no ``model.promoted`` brought them. None when nothing was missing, or none
+        of them could be had or loaded (each case is logged once; a failed download is tried again each round,
+        a failed load only when the routes change)."""
         async with self._locks[model]:
             listed = self.repository.listed(model)
             missing = routed - set(listed)
             key = (model, frozenset(missing))
             if not missing or key in self._told:
                 return None
+            for version in sorted(missing - set(self.repository.on_disk(model))):
+                try:
+                    await self._fetch_registered(model, version)
+                except DeployFailed as exc:  # tried again next round (MLflow may be back), logged once
+                    if (model, version) not in self._not_downloaded:
+                        self._not_downloaded.add((model, version))
+                        self.log.error("a routed version could not be downloaded", reason=exc.reason)
             available = missing & set(self.repository.on_disk(model))
             if not available:
-                self._told.add(key)
-                self.log.info("routed versions not deployed here yet", model=model, versions=sorted(missing))
                 return None
             try:
                 loaded = await self._load(model, set(listed) | available, None)
@@ -165,6 +180,18 @@ class Deployer:
                 return None
             self.log.info("loaded the versions a route needs", model=model, loaded=loaded)
             return loaded
+
+    async def _fetch_registered(self, model: str, version: int) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.work_dir, prefix="download-") as tmp:
+            try:
+                folder, shas = await asyncio.to_thread(
+                    download_registered, self.tracking_uri, model, version, Path(tmp)
+                )
+            except ArtifactMismatch as exc:
+                raise DeployFailed("download_failed", str(exc)) from exc
+            await asyncio.to_thread(self.repository.install, model, version, folder, shas)
+        self.log.info("downloaded a routed version from the registry", model=model, version=version)
 
     async def _fetch(self, event: ModelPromoted) -> None:
         shas = {name: ref.sha256 for name, ref in event.artifacts.items()}

@@ -229,3 +229,42 @@ async def test_new_versions_load_beside_the_routed_ones_and_a_rollback_reloads_f
         (2, "champion", [2]),
         (1, "champion", [1]),
     ]
+
+
+async def test_a_route_set_by_hand_to_a_version_never_promoted_is_downloaded_from_the_registry(
+    world, trained, triton_server, mlflow_server, prefix
+):
+    """No model.promoted announced it: serving finds the version's run through the MLflow registry, checks
+    its files against the run's sha256.json and loads it; a routed version the registry lacks stays out and
+    the rest keeps serving."""
+    from mlflow import MlflowClient
+
+    settings, bus, _ = world
+    event, _ = trained
+    model = f"m-{prefix}"
+    client = MlflowClient(mlflow_server.url)
+    await asyncio.to_thread(client.create_registered_model, model)
+    registered = await asyncio.to_thread(
+        client.create_model_version, model, f"runs:/{event.run_id}/model", event.run_id
+    )
+    assert registered.version == "1"
+
+    async def ready(version: int) -> bool:
+        url = f"{triton_server.url}/v2/models/{model}/versions/{version}/ready"
+        return (await asyncio.to_thread(httpx.get, url, timeout=10)).status_code == 200
+
+    app, _ = build(settings)
+    async with app:
+        await route(bus, RolloutState(model=model, active_version=1))
+        for _ in range(300):
+            if await ready(1):
+                break
+            await asyncio.sleep(0.1)
+        assert await ready(1)
+        await route(bus, RolloutState(model=model, active_version=1, canary_version=2, canary_weight=10))
+        await asyncio.sleep(2.5)  # several reconcile rounds (0.5 s each)
+        assert await ready(1) and not await ready(2)
+    folder = triton_server.model_repository / model / "1"
+    for name, ref in event.artifacts.items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == ref.sha256
+    assert not (triton_server.model_repository / model / "2").exists()
