@@ -235,15 +235,16 @@ class Deployer:
     async def _smoke(self, model: str, version: int) -> float:
         """One random image through Triton; the logits must have one row and one column per label."""
         spec = self.repository.spec(model, version)
+        served = self.repository.served(model, version)
         shape = [1, *spec["inputs"][0]["shape"][1:]]
         batch = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         started = time.perf_counter()
         try:
-            outputs = await self.triton.infer(model, version, spec["inputs"][0]["name"], batch)
+            outputs = await self.triton.infer(model, version, served[spec["inputs"][0]["name"]], batch)
         except TritonError as exc:
             raise DeployFailed("smoke_failed", f"the smoke inference failed: {exc}") from exc
         latency = round((time.perf_counter() - started) * 1000, 3)
-        logits = outputs.get("logits")
+        logits = outputs.get(served.get("logits", "logits"))
         want = (1, len(spec["labels"]))
         if logits is None or tuple(logits.shape) != want or not np.isfinite(logits).all():
             got = None if logits is None else list(logits.shape)

@@ -4,6 +4,8 @@
     <root>/<model>/<N>/model.pt ...      the verified files of version N, ``serving_spec.json`` among them
     <root>/<model>/<N>/model.py          the Python backend's entry point (python backend only)
     <root>/<model>/<N>/.verified.json    file name -> sha256, as ``model.promoted`` announced them
+    <root>/<model>/<N>/served.json       tensor name in the spec -> the name Triton serves it under (the
+                                         gateway and the smoke test address tensors by these)
 
 A version folder appears whole (written beside, then renamed) and the config is replaced atomically, so
 Triton never reads half a version. Versions no route needs stay on disk (a rollback reloads them without a
@@ -21,12 +23,19 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from services.serving.tritonconfig import PYTHON_MODEL, TritonOptions, model_file, render_config
+from services.serving.tritonconfig import (
+    PYTHON_MODEL,
+    TritonOptions,
+    model_file,
+    render_config,
+    served_tensors,
+)
 
-__all__ = ["ModelRepository"]
+__all__ = ["ModelRepository", "served_names"]
 
 VERIFIED = ".verified.json"
 SPEC = "serving_spec.json"
+SERVED = "served.json"
 _VERSIONS = re.compile(r"versions:\s*\[([0-9,\s]*)\]")
 
 
@@ -57,6 +66,7 @@ class ModelRepository:
             shutil.copyfile(staging / source, staging / expected)
         if self.options.backend == "python":
             (staging / "model.py").write_text(PYTHON_MODEL)
+        (staging / SERVED).write_text(json.dumps(served_tensors(self.options.backend, spec)))
         (staging / VERIFIED).write_text(json.dumps(dict(shas), sort_keys=True))
         target = self.version_dir(model, version)
         if target.exists():
@@ -67,6 +77,11 @@ class ModelRepository:
     def spec(self, model: str, version: int) -> dict[str, Any]:
         result: dict[str, Any] = json.loads((self.version_dir(model, version) / SPEC).read_text())
         return result
+
+    def served(self, model: str, version: int) -> dict[str, str]:
+        """The names Triton serves the spec's tensors under (``served.json``; a folder written before it
+        existed was written for the Python backend, which serves the names as they are)."""
+        return served_names(self.version_dir(model, version))
 
     def on_disk(self, model: str) -> list[int]:
         folder = self.root / model
@@ -103,3 +118,13 @@ class ModelRepository:
         for version in removed:
             shutil.rmtree(self.version_dir(model, version), ignore_errors=True)
         return removed
+
+
+def served_names(version_dir: Path) -> dict[str, str]:
+    """``served.json`` of a version folder, or the spec's own names where it is missing."""
+    path = version_dir / SERVED
+    if path.is_file():
+        names: dict[str, str] = json.loads(path.read_text())
+        return names
+    spec = json.loads((version_dir / SPEC).read_text())
+    return {str(t["name"]): str(t["name"]) for t in [*spec["inputs"], *spec["outputs"]]}

@@ -18,7 +18,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["BACKENDS", "PYTHON_MODEL", "Backend", "TritonOptions", "model_file", "render_config"]
+__all__ = [
+    "BACKENDS",
+    "PYTHON_MODEL",
+    "Backend",
+    "TritonOptions",
+    "model_file",
+    "render_config",
+    "served_tensors",
+]
 
 Backend = Literal["python", "pytorch_libtorch", "onnxruntime"]
 BACKENDS: tuple[Backend, ...] = ("python", "pytorch_libtorch", "onnxruntime")
@@ -48,6 +56,19 @@ def model_file(backend: Backend, spec: Mapping[str, Any]) -> tuple[str, str]:
     return files.get("torchscript", "model.pt"), "model.pt"
 
 
+def served_tensors(backend: Backend, spec: Mapping[str, Any]) -> dict[str, str]:
+    """The spec's tensor names (``image``, ``logits``, ``embedding``) -> the names Triton serves them under
+    with ``backend``: the libtorch backend binds TorchScript tensors by position, named ``<name>__<index>``
+    (index among the inputs, or among the outputs); the Python backend and ONNX Runtime use the names as
+    they are."""
+    names = {}
+    for tensors in (spec["inputs"], spec["outputs"]):
+        for index, entry in enumerate(tensors):
+            name = str(entry["name"])
+            names[name] = f"{name}__{index}" if backend == "pytorch_libtorch" else name
+    return names
+
+
 def render_config(
     model: str, spec: Mapping[str, Any], versions: Iterable[int], options: TritonOptions
 ) -> str:
@@ -56,14 +77,9 @@ def render_config(
     if not listed:
         raise ValueError("a model config lists at least one version")
     max_batch = min(int(spec.get("max_batch_size") or options.max_batch_size), options.max_batch_size)
-    inputs = [
-        _tensor(t, "INPUT" if options.backend == "pytorch_libtorch" else None, i)
-        for i, t in enumerate(spec["inputs"])
-    ]
-    outputs = [
-        _tensor(t, "OUTPUT" if options.backend == "pytorch_libtorch" else None, i)
-        for i, t in enumerate(spec["outputs"])
-    ]
+    served = served_tensors(options.backend, spec)
+    inputs = [_tensor(t, served[t["name"]]) for t in spec["inputs"]]
+    outputs = [_tensor(t, served[t["name"]]) for t in spec["outputs"]]
     kind = "KIND_GPU" if options.gpu else "KIND_CPU"
     lines = [
         f'name: "{model}"',
@@ -82,7 +98,7 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
-def _tensor(entry: Mapping[str, Any], libtorch_prefix: str | None, index: int) -> str:
+def _tensor(entry: Mapping[str, Any], name: str) -> str:
     dtype = _DTYPES.get(str(entry.get("dtype")))
     if dtype is None:
         raise ValueError(
@@ -90,7 +106,6 @@ def _tensor(entry: Mapping[str, Any], libtorch_prefix: str | None, index: int) -
         )
     shape = list(entry["shape"])[1:]  # without the batch dimension
     dims = ", ".join("-1" for _ in shape)  # free: versions of one model may differ
-    name = f"{libtorch_prefix}__{index}" if libtorch_prefix else entry["name"]
     return f'  {{ name: "{name}", data_type: {dtype}, dims: [ {dims} ] }}'
 
 

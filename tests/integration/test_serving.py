@@ -120,6 +120,8 @@ async def test_a_promoted_version_serves_what_the_torchscript_computes(world, tr
     for name, ref in event.artifacts.items():  # what was written is what the trainer published
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == ref.sha256
     assert "version_policy: { specific: { versions: [1] } }" in (folder.parent / "config.pbtxt").read_text()
+    served = json.loads((folder / "served.json").read_text())  # the Python backend: the names as they are
+    assert served == {name: name for name in ("image", "logits", "embedding")}
 
     import torch
 

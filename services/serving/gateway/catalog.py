@@ -24,6 +24,7 @@ from services.runtime.kvstore import LazyBucket
 from services.runtime.preprocessing import PreprocessSpec
 from services.runtime.tasks import cancel
 from services.runtime.telemetry import get_logger
+from services.serving.repository import served_names
 
 __all__ = ["Catalog", "Followed", "ServedSpec"]
 
@@ -34,7 +35,9 @@ V = TypeVar("V")
 class ServedSpec:
     preprocessing: PreprocessSpec
     labels: tuple[str, ...]
-    input: str
+    input: str  # the names Triton serves the tensors under (served.json)
+    logits: str = "logits"
+    embedding: str = "embedding"
 
 
 class Followed(LazyBucket, Generic[V]):
@@ -117,9 +120,15 @@ class Catalog:
         """The serving spec of a deployed version; ``FileNotFoundError`` when serving has not written it."""
         cached = self._specs.get((model, version))
         if cached is None:
-            doc = json.loads((self.repository / model / str(version) / "serving_spec.json").read_text())
+            folder = self.repository / model / str(version)
+            doc = json.loads((folder / "serving_spec.json").read_text())
+            served = served_names(folder)
             cached = ServedSpec(
-                PreprocessSpec.from_dict(doc["preprocessing"]), tuple(doc["labels"]), doc["inputs"][0]["name"]
+                PreprocessSpec.from_dict(doc["preprocessing"]),
+                tuple(doc["labels"]),
+                served[doc["inputs"][0]["name"]],
+                served.get("logits", "logits"),
+                served.get("embedding", "embedding"),
             )
             self._specs[(model, version)] = cached
         return cached
