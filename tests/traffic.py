@@ -21,7 +21,7 @@ from contracts.events import InferenceSample
 from deploy.local.loop import brighter
 from services.ingest.manifest import assign_split
 from services.runtime.preprocessing import PreprocessSpec
-from services.serving.gateway.app import _prepare_all
+from services.serving.gateway.app import _prepare_all, _stats
 from services.serving.gateway.catalog import ServedSpec
 from tests import images
 
@@ -42,10 +42,10 @@ class Traffic:
     def outputs(self, data: list[bytes]) -> tuple[np.ndarray, np.ndarray, list]:
         import torch
 
-        batch, stats = _prepare_all(data, self.spec, True)
+        batch, prepared = _prepare_all(data, self.spec, True)
         with torch.inference_mode():
             logits, embedding = self.model(torch.from_numpy(batch))
-        return logits.numpy(), embedding.numpy(), stats
+        return logits.numpy(), embedding.numpy(), _stats(prepared)
 
     def samples(
         self, data: list[bytes], *, route: str = "active", version: int | None = None

@@ -74,7 +74,9 @@ RETRY_AFTER_S = "2"
 # Smaller bodies are decoded on the event loop: handing them to a thread costs more (≈70-100 µs here) than
 # decoding a small image; larger ones go to a thread so the loop keeps serving other requests meanwhile.
 INLINE_DECODE_BYTES = 64 * 1024
-MAX_IMAGES_BEING_KEPT = 256  # puts to the object store in flight; beyond, an image is not kept (counted)
+# Answered predictions whose work after the answer is still running; beyond, NATS is taking no more writes
+# and the images of further predictions are not kept (counted in conveyor_gateway_images_not_kept).
+MAX_IMAGES_BEING_KEPT = 256
 INLINE_STATS_VALUES = 128 * 128  # statistics of larger prepared images are computed in a thread
 _EXTENSIONS = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpg", b"II*\x00": "tif", b"MM\x00*": "tif"}
 
@@ -388,7 +390,7 @@ class Gateway:
         g = self.grpc
         inputs = [g.InferInput(spec.input, list(batch.shape), "FP32")]
         inputs[0].set_data_from_numpy(batch)
-        outputs = [g.InferRequestedOutput("logits"), g.InferRequestedOutput("embedding")]
+        outputs = [g.InferRequestedOutput(spec.logits), g.InferRequestedOutput(spec.embedding)]
         started = time.perf_counter()
         try:
             result = await next(self._next).infer(
@@ -407,7 +409,7 @@ class Gateway:
                 RETRY_AFTER_S,
             ) from exc
         latency = (time.perf_counter() - started) * 1000
-        return Answer(version, route, result.as_numpy("logits"), result.as_numpy("embedding"), latency)
+        return Answer(version, route, result.as_numpy(spec.logits), result.as_numpy(spec.embedding), latency)
 
     # ---- shadow and logging ------------------------------------------------------------------------------
 
