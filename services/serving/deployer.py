@@ -112,11 +112,7 @@ class Deployer:
         async with self._locks[model]:
             started = time.monotonic()
             needed = routed_versions(await self.rollouts.get(model))
-            for version in sorted(needed - set(self.repository.on_disk(model))):
-                try:
-                    await self._fetch_registered(model, version)
-                except DeployFailed as exc:
-                    self.log.error("a version the routes need could not be downloaded", reason=exc.reason)
+            await self._download_missing(model, needed)
             if not needed & set(self.repository.on_disk(model)):
                 self.log.error("rollback to a version not on disk", model=model, needed=sorted(needed))
                 return None
@@ -161,13 +157,7 @@ class Deployer:
             key = (model, frozenset(missing))
             if not missing or key in self._told:
                 return None
-            for version in sorted(missing - set(self.repository.on_disk(model))):
-                try:
-                    await self._fetch_registered(model, version)
-                except DeployFailed as exc:  # tried again next round (MLflow may be back), logged once
-                    if (model, version) not in self._not_downloaded:
-                        self._not_downloaded.add((model, version))
-                        self.log.error("a routed version could not be downloaded", reason=exc.reason)
+            await self._download_missing(model, missing)
             available = missing & set(self.repository.on_disk(model))
             if not available:
                 return None
@@ -180,6 +170,22 @@ class Deployer:
                 return None
             self.log.info("loaded the versions a route needs", model=model, loaded=loaded)
             return loaded
+
+    async def _download_missing(self, model: str, versions: set[int]) -> None:
+        """Download those of ``versions`` not on disk through the MLflow registry; a failure is logged once
+        per version (the next call tries again: MLflow may be back)."""
+        for version in sorted(versions - set(self.repository.on_disk(model))):
+            try:
+                await self._fetch_registered(model, version)
+            except DeployFailed as exc:
+                if (model, version) not in self._not_downloaded:
+                    self._not_downloaded.add((model, version))
+                    self.log.error(
+                        "a routed version could not be downloaded",
+                        model=model,
+                        version=version,
+                        reason=exc.reason,
+                    )
 
     async def _fetch_registered(self, model: str, version: int) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)

@@ -51,13 +51,14 @@ class Kept:
 
     async def put(self, name: str, data: bytes, about: dict[str, Any]) -> None:
         nc = self._nc()
-        chunks = f"$O.{self.bucket}.C.{uuid.uuid4().hex}"
+        nuid = uuid.uuid4().hex  # the chunks' subject token: any unique one
+        chunks = f"$O.{self.bucket}.C.{nuid}"
         for start in range(0, len(data), CHUNK_BYTES):
             await nc.publish(chunks, data[start : start + CHUNK_BYTES])
         info = {
             "name": name,
             "bucket": self.bucket,
-            "nuid": chunks.rsplit(".", 1)[1],
+            "nuid": nuid,
             "size": len(data),
             "mtime": datetime.now(UTC).isoformat(),
             "chunks": -(-len(data) // CHUNK_BYTES),
