@@ -31,6 +31,9 @@ class ServingSettings(Settings):
     serving_dynamic_batching: bool = True
     serving_max_queue_delay_us: int = Field(500, ge=0, description="dynamic batching: wait for more requests")
     serving_max_batch_size: int = Field(64, ge=1)
+    serving_gpu_precision: Literal["fp32", "fp16"] = Field(
+        "fp32", description="python backend on a GPU: fp16 runs the model in half precision, channels-last"
+    )
     serving_load_timeout_s: float = Field(120.0, gt=0, description="a version must load within this")
     serving_keep_versions: int = Field(5, ge=1, description="version folders kept on disk for fast rollbacks")
     serving_reconcile_interval_s: float = Field(
@@ -53,6 +56,7 @@ class ServingSettings(Settings):
             dynamic_batching=self.serving_dynamic_batching,
             max_queue_delay_us=self.serving_max_queue_delay_us,
             max_batch_size=self.serving_max_batch_size,
+            gpu_precision=self.serving_gpu_precision,
         )
 
 

@@ -45,6 +45,10 @@ def test_each_backend_renders_a_config_tritons_schema_reads(backend):
     assert list(config.version_policy.specific.versions) == [1, 3]
     assert config.dynamic_batching.max_queue_delay_microseconds == 300
     assert ("torch_threads" in config.parameters) == (backend == "python")
+    if backend == "python":
+        assert config.parameters["gpu_precision"].string_value == "fp32"
+        half = parsed(render_config("digits", SPEC, [1], TritonOptions(gpu=True, gpu_precision="fp16")))
+        assert half.parameters["gpu_precision"].string_value == "fp16"
 
 
 def test_libtorch_names_tensors_by_position_and_the_others_by_name():

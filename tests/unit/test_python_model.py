@@ -1,0 +1,112 @@
+"""The Python backend's ``model.py`` (``PYTHON_MODEL``) run outside Triton: ``triton_python_backend_utils``
+is replaced by a small stand-in of its tensor, request and response types (only Triton has the real one),
+the TorchScript is real. The integration tests load the same file into the real tritonserver on the CPU;
+the GPU path's pinned buffer and power-of-two padding are run here on the CPU (``pin_memory`` is the one
+thing swapped, since this torch has no CUDA), fp16 only on a GPU (``bench/gpu.py serve``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from services.serving.tritonconfig import PYTHON_MODEL
+from services.trainer.export import export_torchscript
+from services.trainer.model import build_model
+
+pytestmark = pytest.mark.unit
+
+
+class Tensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, array
+
+    def as_numpy(self):
+        return self.array
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors):
+        self.outputs = {t.name: t.array for t in output_tensors}
+
+
+@pytest.fixture
+def model_py(monkeypatch, tmp_path):
+    utils = types.SimpleNamespace(
+        Tensor=Tensor,
+        InferenceResponse=InferenceResponse,
+        get_input_tensor_by_name=lambda request, name: request[name],
+    )
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
+    namespace: dict = {}
+    exec(compile(PYTHON_MODEL, "model.py", "exec"), namespace)  # the file Triton would run
+    folder = tmp_path / "1"
+    folder.mkdir()
+    network = build_model("small_cnn", 1, 10, 16, seed=0).eval()
+    export_torchscript(network, np.zeros((2, 1, 16, 16), np.float32), folder / "model.pt")
+    spec = {
+        "files": {"torchscript": "model.pt"},
+        "inputs": [{"name": "image"}],
+        "outputs": [{"name": "logits"}, {"name": "embedding"}],
+    }
+    (folder / "serving_spec.json").write_text(json.dumps(spec))
+
+    def instance(kind="CPU", max_batch=8):
+        model = namespace["TritonPythonModel"]()
+        model.initialize(
+            {
+                "model_repository": str(tmp_path),
+                "model_version": "1",
+                "model_config": json.dumps({"max_batch_size": max_batch, "parameters": {}}),
+                "model_instance_kind": kind,
+                "model_instance_device_id": "0",
+            }
+        )
+        return model
+
+    return namespace, network, instance
+
+
+def requests(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"image": Tensor("image", rng.standard_normal((n, 1, 16, 16), dtype=np.float32))} for n in sizes]
+
+
+def expected(network, request):
+    with torch.no_grad():
+        logits, embedding = network(torch.from_numpy(request["image"].as_numpy()))
+    return logits.numpy(), embedding.numpy()
+
+
+def test_each_request_gets_its_own_rows_of_the_batch(model_py):
+    _, network, instance = model_py
+    model = instance()
+    batch = requests([1, 2, 3])
+    for request, response in zip(batch, model.execute(batch), strict=True):
+        logits, embedding = expected(network, request)
+        assert np.allclose(response.outputs["logits"], logits, atol=1e-5)
+        assert response.outputs["embedding"].shape == embedding.shape
+
+
+def test_batches_pad_to_a_power_of_two_in_one_reused_buffer(model_py, monkeypatch):
+    namespace, network, instance = model_py
+    bucket = namespace["_bucket"]
+    assert [bucket(n, 64) for n in (1, 2, 3, 5, 33, 64)] == [1, 2, 4, 8, 64, 64]
+    assert (bucket(33, 48), bucket(9, 8)) == (48, 9)  # capped at the max batch, never below the rows
+    model = instance(max_batch=8)
+    model.gpu = True  # the GPU path, on the CPU: only the pinning is swapped out
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    seen = []
+    module = model.module
+    model.module = lambda x: seen.append(tuple(x.shape)) or module(x)
+    for sizes in ([1, 2, 2], [3], [8]):  # 5 rows -> 8, then 3 -> 4 over the first batch's stale rows
+        batch = requests(sizes, seed=len(sizes))
+        staging = model.staging
+        for request, response in zip(batch, model.execute(batch), strict=True):
+            assert np.allclose(response.outputs["logits"], expected(network, request)[0], atol=1e-5)
+        assert staging is None or model.staging is staging
+    assert [s[0] for s in seen] == [8, 4, 8] and len(model.staging) == 8
