@@ -51,7 +51,7 @@ from services.serving.tritonconfig import TritonOptions
 from services.trainer.export import export_torchscript
 from services.trainer.model import build_model
 from tests import images
-from tests.servers import free_port, gateway_env, run_nats, run_triton, wait_until_ok
+from tests.servers import NatsServer, free_port, gateway_env, run_nats, run_triton, wait_until_ok
 
 PREFIX = "bench"
 
@@ -85,9 +85,9 @@ def export_model(folder: Path, pngs: list[bytes]) -> dict[str, Any]:
     return serving_spec
 
 
-def write_version(repo_root: Path, model_dir: Path, name: str, batching: bool) -> None:
+def write_version(repo_root: Path, model_dir: Path, name: str, options: TritonOptions) -> None:
     """Version 1 of ``name`` in the repository, through serving's own repository code."""
-    repo = ModelRepository(repo_root, TritonOptions(dynamic_batching=batching, max_queue_delay_us=500))
+    repo = ModelRepository(repo_root, options)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "files"
         staged.mkdir()
@@ -97,11 +97,27 @@ def write_version(repo_root: Path, model_dir: Path, name: str, batching: bool) -
     repo.write_config(name, {1})
 
 
-async def deploy(repo_root: Path, triton_url: str, model_dir: Path, name: str, batching: bool) -> None:
-    await asyncio.to_thread(write_version, repo_root, model_dir, name, batching)
+async def deploy(
+    repo_root: Path, triton_url: str, model_dir: Path, name: str, options: TritonOptions
+) -> None:
+    await asyncio.to_thread(write_version, repo_root, model_dir, name, options)
     admin = TritonAdmin(triton_url)
-    await admin.load(name, 120)
-    await admin.wait_ready(name, 1, 120)
+    await admin.load(name, 300)
+    await admin.wait_ready(name, 1, 300)
+
+
+async def route(nats_server: NatsServer, names: list[str]) -> None:
+    """The streams the gateway needs, and version 1 active for each of ``names`` in the rollout KV (what
+    the registry would write)."""
+    import nats
+
+    nc = await nats.connect(nats_server.url, user=ADMIN_USER, password=nats_server.passwords[ADMIN_USER])
+    js = nc.jetstream()
+    await ensure_streams(js, Subjects(PREFIX), inference_max_bytes=16 * 1024**2)
+    kv = await js.key_value(Subjects(PREFIX).kv.rollout)
+    for name in names:
+        await kv.put(name, RolloutState(model=name, active_version=1, revision=1).model_dump_json().encode())
+    await nc.close()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -217,21 +233,10 @@ async def main(seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
         spec = fit_spec(pngs[:200], size=32, channels=1)
         progress("starting nats-server and tritonserver")
         with run_nats(root / "nats") as nats_server, run_triton(root / "triton") as triton:
-            await deploy(triton.model_repository, triton.url, root / "model", "bench", batching=True)
-            await deploy(triton.model_repository, triton.url, root / "model", "bench-nobatch", batching=False)
-            import nats
-
-            nc = await nats.connect(
-                nats_server.url, user=ADMIN_USER, password=nats_server.passwords[ADMIN_USER]
-            )
-            js = nc.jetstream()
-            await ensure_streams(js, Subjects(PREFIX), inference_max_bytes=16 * 1024**2)
-            kv = await js.key_value(Subjects(PREFIX).kv.rollout)
-            for name in ("bench", "bench-nobatch"):
-                await kv.put(
-                    name, RolloutState(model=name, active_version=1, revision=1).model_dump_json().encode()
-                )
-            await nc.close()
+            for name, batching in (("bench", True), ("bench-nobatch", False)):
+                options = TritonOptions(dynamic_batching=batching, max_queue_delay_us=500)
+                await deploy(triton.model_repository, triton.url, root / "model", name, options)
+            await route(nats_server, ["bench", "bench-nobatch"])
 
             # (a) in process
             module = torch.jit.load(str(root / "model" / "model.pt")).eval()
@@ -337,11 +342,7 @@ async def main(seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
     }
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each measured run")
+def add_gateway_env(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gateway-env",
         action="append",
@@ -349,6 +350,14 @@ if __name__ == "__main__":
         metavar="NAME=VALUE",
         help="extra gateway setting, e.g. CONVEYOR_GATEWAY_INFERENCE_SAMPLE_RATE=0.1 (repeatable)",
     )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each measured run")
+    add_gateway_env(parser)
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.gateway_env)
     print(json.dumps(asyncio.run(main(args.seconds, extra))))
