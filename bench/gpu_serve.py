@@ -18,8 +18,8 @@ config's answers are checked against the in-process module first (labels equal, 
 reported).
 
 It needs serving's packages (fastapi, uvicorn, tritonclient, nats-py, ...) and the nvidia-pytriton wheel
-beside torch; on the lent GPU machine they travel as wheels: ``bench/gpu-carry.sh`` builds ``.gpu/`` here,
-``bench/gpu-run.sh`` installs them there and runs this. On a CPU: ``.venv/bin/python bench/gpu.py serve
+beside torch; on the lent GPU machine they travel packed: ``bench/gpu-carry.sh`` builds ``.gpu/`` here,
+``bench/gpu-run.sh`` unpacks it there and runs this. On a CPU: ``.venv/bin/python bench/gpu.py serve
 --device cpu --size 32 --seconds 3`` (GPU instances become CPU instances).
 """
 
@@ -70,7 +70,7 @@ async def _clients(spec: dict[str, Any]) -> dict[str, Any]:
             inputs[0].set_data_from_numpy(x)
             await client.infer(spec["model"], inputs, model_version="1")
     else:
-        from serve import LeanHttp
+        from lean import LeanHttp
 
         jpegs, idle = payloads["jpegs"], list[LeanHttp]()
         path = f"/v1/models/{spec['model']}/predict"
@@ -105,7 +105,7 @@ def load(
     """``args.clients`` concurrent clients in ``args.processes`` processes against ``target`` (Triton's
     gRPC address, or the gateway's port): requests/s, p50/p99 ms and errors over ``args.seconds`` after
     ``args.warmup`` seconds; with ``server_pids``, their CPU time per request in that window."""
-    from serve import cpu_seconds
+    from lean import cpu_seconds
 
     per = args.clients // args.processes
     start = time.time() + 2.0 + args.warmup  # the processes start within 2 s
@@ -225,7 +225,8 @@ def _images(count: int, size: int) -> list[bytes]:
 async def serve_bench(args: Any) -> dict[str, Any]:
     import httpx
     import torch
-    from serve import children, deploy, route, rss_mb
+    from lean import children, rss_mb
+    from serve import deploy, route
 
     from services.runtime.preprocessing import fit_spec, preprocess_batch
     from services.serving.tritonconfig import TritonOptions
