@@ -170,7 +170,11 @@ class TritonPythonModel:
         dtype = torch.from_numpy(batch[0][:0]).dtype
         staging = self.staging
         if staging is None or staging.shape[1:] != tail or staging.dtype != dtype or len(staging) < padded:
-            staging = torch.empty((max(padded, self.max_batch), *tail), dtype=dtype).pin_memory()
+            staging = torch.empty((padded, *tail), dtype=dtype)  # grows with the batches, a few times
+            try:
+                staging = staging.pin_memory()
+            except RuntimeError:  # no pinned memory to be had: pageable, slower to copy
+                pass
             self.staging = staging
         # rows past ``rows`` hold stale data: each row's outputs depend on that row alone (eval mode) and
         # are sliced off; the buffer is free again once this batch's outputs are back on the host

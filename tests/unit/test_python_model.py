@@ -92,7 +92,7 @@ def test_each_request_gets_its_own_rows_of_the_batch(model_py):
         assert response.outputs["embedding"].shape == embedding.shape
 
 
-def test_batches_pad_to_a_power_of_two_in_one_reused_buffer(model_py, monkeypatch):
+def test_batches_pad_to_a_power_of_two_in_a_reused_buffer(model_py, monkeypatch):
     namespace, network, instance = model_py
     bucket = namespace["_bucket"]
     assert [bucket(n, 64) for n in (1, 2, 3, 5, 33, 64)] == [1, 2, 4, 8, 64, 64]
@@ -100,13 +100,14 @@ def test_batches_pad_to_a_power_of_two_in_one_reused_buffer(model_py, monkeypatc
     model = instance(max_batch=8)
     model.gpu = True  # the GPU path, on the CPU: only the pinning is swapped out
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
-    seen = []
+    seen, buffers = [], []
     module = model.module
     model.module = lambda x: seen.append(tuple(x.shape)) or module(x)
-    for sizes in ([1, 2, 2], [3], [8]):  # 5 rows -> 8, then 3 -> 4 over the first batch's stale rows
-        batch = requests(sizes, seed=len(sizes))
-        staging = model.staging
+    # 1 row; 5 rows -> 8 (the buffer grows); 3 -> 4 over the last batch's stale rows; 8
+    for n, sizes in enumerate(([1], [1, 2, 2], [3], [8])):
+        batch = requests(sizes, seed=n)
         for request, response in zip(batch, model.execute(batch), strict=True):
             assert np.allclose(response.outputs["logits"], expected(network, request)[0], atol=1e-5)
-        assert staging is None or model.staging is staging
-    assert [s[0] for s in seen] == [8, 4, 8] and len(model.staging) == 8
+        buffers.append(model.staging)
+    assert [s[0] for s in seen] == [1, 8, 4, 8]
+    assert [len(b) for b in buffers] == [1, 8, 8, 8] and buffers[1] is buffers[2] is buffers[3]
