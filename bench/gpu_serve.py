@@ -43,6 +43,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from lean import add_gateway_env  # noqa: E402 - bench/ is on the path only now
+
 
 def progress(stage: str) -> None:
     print(f"bench/gpu.py serve: {stage} ...", file=sys.stderr, flush=True)
@@ -226,12 +228,10 @@ async def serve_bench(args: Any) -> dict[str, Any]:
     import httpx
     import torch
     from lean import children, rss_mb
-    from serve import deploy, route
+    from serve import deploy, export_model, route
 
-    from services.runtime.preprocessing import fit_spec, preprocess_batch
+    from services.runtime.preprocessing import preprocess_batch
     from services.serving.tritonconfig import TritonOptions
-    from services.trainer.export import export_torchscript
-    from services.trainer.model import build_model
     from services.trainer.training import resolve_device
     from tests.servers import free_port, gateway_env, run_nats, run_triton, wait_until_ok
 
@@ -248,27 +248,11 @@ async def serve_bench(args: Any) -> dict[str, Any]:
         root = Path(tmp)
         progress("exporting the model, encoding images")
         jpegs = _images(64, args.size)
-        spec = fit_spec(jpegs, size=args.size, channels=3)
-        x = preprocess_batch(jpegs, spec)
-        model = build_model("resnet", 3, 10, args.size, seed=0).eval()
         folder = root / "model"
-        folder.mkdir()
-        export_torchscript(model, x[:2], folder / "model.pt")
+        _, spec, model = export_model(folder, jpegs, "resnet", 3, args.size, max_batch=256)
+        x = preprocess_batch(jpegs, spec)
         with torch.no_grad():
-            expected, embedding = (t.numpy() for t in model(torch.from_numpy(x[:8])))
-        serving_spec = {
-            "format": "torchscript",
-            "files": {"torchscript": "model.pt"},
-            "inputs": [{"name": "image", "dtype": "float32", "shape": [-1, 3, args.size, args.size]}],
-            "outputs": [
-                {"name": "logits", "dtype": "float32", "shape": [-1, 10]},
-                {"name": "embedding", "dtype": "float32", "shape": [-1, embedding.shape[1]]},
-            ],
-            "max_batch_size": 256,
-            "preprocessing": spec.to_dict(),
-            "labels": [str(i) for i in range(10)],
-        }
-        (folder / "serving_spec.json").write_text(json.dumps(serving_spec))
+            expected = model(torch.from_numpy(x[:8]))[0].numpy()
         payloads = root / "payloads.pickle"
         payloads.write_bytes(pickle.dumps({"tensors": x, "jpegs": jpegs}))
 
@@ -278,7 +262,8 @@ async def serve_bench(args: Any) -> dict[str, Any]:
             rate = raw_torch(folder / "model.pt", x, args.batch, precision == "fp16", dev, args.raw_seconds)
             raw[precision] = round(rate, 1)
         results["raw_torch_images_per_s"] = raw
-        torch.cuda.empty_cache() if gpu else None
+        if gpu:
+            torch.cuda.empty_cache()
 
         configs = {
             f"{p}-i{i}-b{b}": TritonOptions(
@@ -376,8 +361,6 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds of load before each measurement")
     parser.add_argument("--seconds", type=float, default=12.0, help="measured seconds of each load")
     parser.add_argument("--gateway-workers", type=int, default=8, help="0: no gateway leg")
-    from serve import add_gateway_env
-
     add_gateway_env(parser)
 
 

@@ -1,8 +1,10 @@
-"""What the serving benchmarks share that imports nothing heavy (their client processes import it): a lean
-keep-alive HTTP/1.1 client, and the CPU time, RSS and children of a process from /proc."""
+"""What the serving benchmarks share that imports nothing heavy (their client processes import it, and
+``bench/gpu.py`` builds its arguments with it on a machine with torch alone): a lean keep-alive HTTP/1.1
+client, the CPU time, RSS and children of a process from /proc, and the gateway-settings argument."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import subprocess
@@ -67,3 +69,13 @@ def cpu_seconds(pids: list[int]) -> float:
 def children(pid: int) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in found]
+
+
+def add_gateway_env(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra gateway setting, e.g. CONVEYOR_GATEWAY_INFERENCE_SAMPLE_RATE=0.1 (repeatable)",
+    )

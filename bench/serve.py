@@ -40,18 +40,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lean import LeanHttp, children, cpu_seconds, rss_mb
+from lean import LeanHttp, add_gateway_env, children, cpu_seconds, rss_mb
 
 from contracts.kv import RolloutState
 from contracts.names import Subjects
 from deploy.local.natsconf import ADMIN_USER
-from services.runtime.preprocessing import fit_spec, preprocess, preprocess_batch
+from services.runtime.preprocessing import PreprocessSpec, fit_spec, preprocess, preprocess_batch
 from services.runtime.streams import ensure_streams
 from services.serving.repository import ModelRepository
 from services.serving.triton import TritonAdmin
 from services.serving.tritonconfig import TritonOptions
 from services.trainer.export import export_torchscript
-from services.trainer.model import build_model
+from services.trainer.model import Architecture, build_model
 from tests import images
 from tests.servers import NatsServer, free_port, gateway_env, run_nats, run_triton, wait_until_ok
 
@@ -62,11 +62,20 @@ def progress(stage: str) -> None:
     print(f"bench/serve.py: {stage} ...", file=sys.stderr, flush=True)
 
 
-def export_model(folder: Path, pngs: list[bytes]) -> dict[str, Any]:
-    """The trainer's small CNN, untrained (speed does not depend on weights), exported like the trainer."""
-    spec = fit_spec(pngs[:200], size=32, channels=1)
-    model = build_model("small_cnn", 1, 10, 32, seed=0).eval()
-    x = preprocess_batch(pngs[:2], spec)
+def export_model(
+    folder: Path,
+    images: list[bytes],
+    architecture: Architecture = "small_cnn",
+    channels: int = 1,
+    size: int = 32,
+    max_batch: int = 64,
+) -> tuple[dict[str, Any], PreprocessSpec, torch.nn.Module]:
+    """The trainer's ``architecture`` with 10 classes, untrained (speed does not depend on weights), its
+    preprocessing fitted on ``images``, exported like the trainer into ``folder`` with its serving spec:
+    (the serving spec, the preprocessing, the module)."""
+    spec = fit_spec(images[:200], size=size, channels=channels)
+    model = build_model(architecture, channels, 10, size, seed=0).eval()
+    x = preprocess_batch(images[:2], spec)
     folder.mkdir(parents=True, exist_ok=True)
     export_torchscript(model, x, folder / "model.pt")
     with torch.no_grad():
@@ -74,17 +83,17 @@ def export_model(folder: Path, pngs: list[bytes]) -> dict[str, Any]:
     serving_spec = {
         "format": "torchscript",
         "files": {"torchscript": "model.pt"},
-        "inputs": [{"name": "image", "dtype": "float32", "shape": [-1, 1, 32, 32]}],
+        "inputs": [{"name": "image", "dtype": "float32", "shape": [-1, channels, size, size]}],
         "outputs": [
             {"name": "logits", "dtype": "float32", "shape": [-1, 10]},
             {"name": "embedding", "dtype": "float32", "shape": [-1, int(embedding)]},
         ],
-        "max_batch_size": 64,
+        "max_batch_size": max_batch,
         "preprocessing": spec.to_dict(),
         "labels": [str(i) for i in range(10)],
     }
     (folder / "serving_spec.json").write_text(json.dumps(serving_spec))
-    return serving_spec
+    return serving_spec, spec, model
 
 
 def write_version(repo_root: Path, model_dir: Path, name: str, options: TritonOptions) -> None:
@@ -171,8 +180,7 @@ async def main(seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
         progress("exporting the model")
-        spec_doc = export_model(root / "model", pngs)
-        spec = fit_spec(pngs[:200], size=32, channels=1)
+        spec_doc, spec, _ = export_model(root / "model", pngs)
         progress("starting nats-server and tritonserver")
         with run_nats(root / "nats") as nats_server, run_triton(root / "triton") as triton:
             for name, batching in (("bench", True), ("bench-nobatch", False)):
@@ -282,16 +290,6 @@ async def main(seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
         "gateway_rss_mb_per_worker": rss,
         "cpu_cores": os.cpu_count(),
     }
-
-
-def add_gateway_env(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--gateway-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="extra gateway setting, e.g. CONVEYOR_GATEWAY_INFERENCE_SAMPLE_RATE=0.1 (repeatable)",
-    )
 
 
 if __name__ == "__main__":
