@@ -412,6 +412,20 @@ async def test_bad_requests_get_clear_codes(world, trained, triton_server):
                 404,
                 "unknown_model",
             ),
+            "too many files": (
+                await world.http.post(
+                    f"/v1/models/{world.model}/predict",
+                    files=[("files", (f"{i}.png", png[:100], "image/png")) for i in range(65)],
+                    headers={"X-API-Key": KEY},
+                ),
+                413,
+                "too_many_images",
+            ),
+            "no boundary": (
+                await world.predict(png, headers={"Content-Type": "multipart/form-data"}),
+                400,
+                "bad_multipart",
+            ),
         }
         for name, (response, status, error) in cases.items():
             assert response.status_code == status, (name, response.text)
@@ -419,6 +433,8 @@ async def test_bad_requests_get_clear_codes(world, trained, triton_server):
             assert response.json()["detail"], name
         ok = await world.predict(png)
         assert ok.status_code == 200  # and the gateway still answers
+        documented = (await world.http.get("/openapi.json")).json()["paths"]
+        assert "post" in documented["/v1/models/{model}/predict"]  # served by GatewayApp, documented still
 
         # A model's own policy sets its sampling: at 0, no prediction of it is logged.
         kv = await world.admin.js.key_value(world.admin.subjects.kv.policy)

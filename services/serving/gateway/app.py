@@ -31,9 +31,10 @@ import itertools
 import json
 import os
 import random
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,11 +42,12 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from contracts.events import Feedback, ImageStats, InferenceLogged, InferenceSample, ShadowResult
 from contracts.kv import RolloutState
@@ -103,25 +105,39 @@ PREDICT_RESPONSE: dict[str, Any] = {
 }
 
 
-class LeanRoute(APIRoute):
-    """An ``APIRoute`` (so the endpoint is in the OpenAPI document) whose handler calls the endpoint with the
-    path parameters and the request as they come: no dependency solving, no encoding of the returned value,
-    which must be a ``Response``. For predict: ≈90 µs less per request on the 2-core machine."""
+PREDICT_PATH = re.compile(r"/v1/models/([^/]+)/predict")  # the route's own pattern ({model}: [^/]+)
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        endpoint = self.endpoint
 
-        async def handler(request: Request) -> Response:
-            response: Response = await endpoint(request=request, **request.path_params)
-            return response
+class GatewayApp(FastAPI):
+    """FastAPI, with ``POST /v1/models/{model}/predict`` handed straight to its endpoint: no middleware
+    stack, router or dependency solving in between (≈110-130 µs less per request on the 2-core machine,
+    measured with a one-client loop against uvicorn). The route stays registered for the OpenAPI document;
+    every other path goes through FastAPI as usual. The endpoint answers its own errors
+    (``error_response``)."""
 
-        return handler
+    predict_endpoint: Callable[[str, Request], Awaitable[Response]] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and self.predict_endpoint is not None:
+            matched = PREDICT_PATH.fullmatch(scope["path"])
+            if matched:
+                scope["app"] = self
+                response = await self.predict_endpoint(matched.group(1), Request(scope, receive))
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 class ApiError(Exception):
     def __init__(self, status: int, error: str, detail: str, retry_after: str | None = None) -> None:
         super().__init__(detail)
         self.status, self.error, self.detail, self.retry_after = status, error, detail, retry_after
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    """``{"error": <code>, "detail": <what is wrong>}`` with the status, and Retry-After when there is one."""
+    headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+    return JSONResponse({"error": exc.error, "detail": exc.detail}, exc.status, headers=headers)
 
 
 @dataclass
@@ -240,16 +256,14 @@ class Gateway:
                 self._log(model, _failed(len(images), version, route, started, exc.error, _stats(prepared)))
             raise
         probabilities = _softmax(answer.logits)
-        ids = [uuid.uuid4().hex for _ in images]
-        top = probabilities.argmax(axis=1)
+        top = probabilities.argmax(axis=1).tolist()
+        rows = probabilities.round(6).tolist()
         predictions = [
             {
-                "prediction_id": ids[i],
-                "label": spec.labels[int(top[i])],
-                "confidence": round(float(probabilities[i, top[i]]), 6),
-                "probabilities": {
-                    label: round(float(p), 6) for label, p in zip(spec.labels, probabilities[i], strict=False)
-                },
+                "prediction_id": uuid.uuid4().hex,
+                "label": spec.labels[top[i]],
+                "confidence": rows[i][top[i]],
+                "probabilities": dict(zip(spec.labels, rows[i], strict=False)),
             }
             for i in range(len(images))
         ]
@@ -543,9 +557,10 @@ def _stats(prepared: list[np.ndarray]) -> list[ImageStats]:
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted, dtype=np.float64)
-    return exp / exp.sum(axis=1, keepdims=True)
+    # the ufuncs' reduce, not .max()/.sum(): their Python wrappers cost more than a 1 x 10 softmax itself
+    exp = np.exp(logits - np.maximum.reduce(logits, axis=1, keepdims=True), dtype=np.float64)
+    exp /= np.add.reduce(exp, axis=1, keepdims=True)
+    return exp
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------------
@@ -558,7 +573,17 @@ async def read_images(request: Request, limit: int, max_images: int) -> list[byt
         raise ApiError(413, "too_large", f"the body is {int(declared):,} bytes, over the limit of {limit:,}")
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        form = await request.form(max_files=max_images, max_part_size=limit)
+        try:
+            form = await request.form(max_files=max_images, max_part_size=limit)
+        except (
+            HTTPException
+        ) as exc:  # Starlette's word for a multipart body it refuses; its limits by message
+            detail = str(exc.detail)
+            if detail.startswith("Too many files"):
+                raise ApiError(413, "too_many_images", f"over {max_images} images per request") from exc
+            if "exceeded maximum size" in detail:
+                raise ApiError(413, "too_large", f"a file is over the limit of {limit:,} bytes") from exc
+            raise ApiError(400, "bad_multipart", f"the multipart body cannot be read: {detail}") from exc
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         images = [await f.read() for f in files]
         if sum(map(len, images)) > limit:
@@ -619,7 +644,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         finally:
             await gateway.stop()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="Conveyor gateway",
         description=__doc__,
         lifespan=lifespan,
@@ -630,8 +655,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
-        return JSONResponse({"error": exc.error, "detail": exc.detail}, exc.status, headers=headers)
+        return error_response(exc)
 
     def authorize(request: Request) -> None:
         if not keys:
@@ -646,26 +670,32 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     tracer = gateway.bus.tracer_provider.get_tracer("conveyor.gateway")
 
-    lean = APIRouter(route_class=LeanRoute)
-
-    @lean.post("/v1/models/{model}/predict", responses={200: PREDICT_RESPONSE})
+    @app.post("/v1/models/{model}/predict", responses={200: PREDICT_RESPONSE})
     async def predict(model: str, request: Request) -> Response:
         """Classify one image or a batch; see the module docs for the encodings."""
-        authorize(request)
-        policy = gateway.catalog.sampling(model)
-        rate = policy.trace_sample_rate if policy else s.gateway_trace_sample_rate
-        if random.random() < rate:  # the model's policy (sampling.trace_sample_rate), else the gateway's
-            with tracer.start_as_current_span(
-                f"predict {model}", attributes={"conveyor.model": model}
-            ) as span:
+        try:
+            authorize(request)
+            policy = gateway.catalog.sampling(model)
+            rate = policy.trace_sample_rate if policy else s.gateway_trace_sample_rate
+            if random.random() < rate:  # the model's policy (sampling.trace_sample_rate), else the gateway's
+                with tracer.start_as_current_span(
+                    f"predict {model}", attributes={"conveyor.model": model}
+                ) as span:
+                    answer = await _predict(model, request)
+                    span.set_attributes(
+                        {"conveyor.version": answer["version"], "conveyor.route": answer["route"]}
+                    )
+            else:
                 answer = await _predict(model, request)
-                span.set_attributes(
-                    {"conveyor.version": answer["version"], "conveyor.route": answer["route"]}
-                )
-        else:
-            answer = await _predict(model, request)
+        except ApiError as exc:
+            return error_response(exc)
+        except Exception as exc:  # what FastAPI's error middleware would answer, in the gateway's form
+            gateway.log.exception("predict failed", model=model)
+            return error_response(ApiError(500, "internal", f"the gateway failed: {exc!r}"))
         # orjson straight to bytes: FastAPI's own encoding of a returned dict walks it first (≈55 µs here)
         return Response(orjson.dumps(answer), media_type="application/json")
+
+    app.predict_endpoint = predict
 
     async def _predict(model: str, request: Request) -> dict[str, Any]:
         started = time.perf_counter()
@@ -680,8 +710,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             ) from exc
         finally:
             gateway.latency.labels(model).observe(time.perf_counter() - started)
-
-    app.include_router(lean)
 
     @app.post("/v1/models/{model}/feedback", status_code=202)
     async def feedback(model: str, request: Request) -> dict[str, Any]:
