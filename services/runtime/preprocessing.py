@@ -585,17 +585,59 @@ def fit_spec(
 
 
 def _percentiles(values: np.ndarray[Any, Any], *qs: float) -> list[float]:
-    """``np.percentile(values, qs)`` (its default linear method, the same arithmetic) from one partition:
-    a third of the time on a 32 x 32 image, where the gateway computes it on every sampled request."""
+    """``np.percentile(values, qs)`` (its default linear method, the same arithmetic) from the order
+    statistics it interpolates between (``_order_statistics``)."""
     positions = [q / 100 * (len(values) - 1) for q in qs]
     below = [int(np.floor(p)) for p in positions]
     above = [min(b + 1, len(values) - 1) for b in below]
-    ordered = np.partition(values, sorted({*below, *above}))
+    found = _order_statistics(values, [*below, *above])
     out = []
     for position, lo, hi in zip(positions, below, above, strict=True):
-        a, b, t = float(ordered[lo]), float(ordered[hi]), position - lo
+        a, b, t = found[lo], found[hi], position - lo
         out.append(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
     return out
+
+
+_SAMPLED_FROM = 8192  # fewer values are partitioned whole
+_SAMPLE = 1024
+
+
+def _order_statistics(values: np.ndarray[Any, Any], ranks: list[int]) -> dict[int, float]:
+    """The ``k``-th smallest of a 1-d array for each ``k`` in ``ranks``, exactly (what ``np.partition`` puts
+    at ``k``), 3x faster than one partition of 224 x 224 values when the ranks lie in the tails: a strided
+    sample gives a threshold a few standard errors beyond the ranks of each tail, the values beyond it (a few
+    percent) are partitioned alone, and their count proves they hold the ranks (else: a whole partition)."""
+    n = len(values)
+    wanted = sorted(set(ranks))
+    found: dict[int, float] = {}
+    if n >= _SAMPLED_FROM:
+        sample = values[:: n // _SAMPLE]
+        m = len(sample)
+        low = [k for k in wanted if k < n // 2]
+        high = [k for k in wanted if k >= n // 2]
+        spans = []
+        if low:  # ranks <= max(low): the values <= a threshold ranked past it in the sample
+            expected = max(low) / n * m
+            spans.append(min(m - 1, int(expected + 4 * math.sqrt(expected) + 4)))
+        if high:  # likewise from the top
+            expected = (n - 1 - min(high)) / n * m
+            spans.append(max(0, m - 1 - int(expected + 4 * math.sqrt(expected) + 4)))
+        ordered = np.partition(sample, spans)
+        if low:
+            inside = values[values <= ordered[spans[0]]]
+            if len(inside) > max(low):  # the len(inside) smallest values, all of them
+                part = np.partition(inside, low)
+                found.update((k, float(part[k])) for k in low)
+        if high:
+            inside = values[values >= ordered[spans[-1]]]
+            skipped = n - len(inside)  # the values below: inside holds ranks skipped.. n-1
+            if skipped <= min(high):
+                part = np.partition(inside, [k - skipped for k in high])
+                found.update((k, float(part[k - skipped])) for k in high)
+    if missing := [k for k in wanted if k not in found]:
+        ordered = np.partition(values, missing)
+        found.update((k, float(ordered[k])) for k in missing)
+    return found
 
 
 def image_stats(image: np.ndarray[Any, Any]) -> dict[str, float]:
@@ -613,12 +655,17 @@ def image_stats(image: np.ndarray[Any, Any]) -> dict[str, float]:
     flat = gray.ravel()
     low, high = _percentiles(flat, 2.0, 98.0)
     mean, variance = _mean_var(flat)
-    if gray.shape[0] >= 3 and gray.shape[1] >= 3:
-        laplacian = np.add(gray[1:-1, :-2], gray[1:-1, 2:])
-        laplacian += gray[:-2, 1:-1]
-        laplacian += gray[2:, 1:-1]
-        laplacian -= 4.0 * gray[1:-1, 1:-1]
-        sharpness = _mean_var(laplacian.ravel())[1]
+    height, width = gray.shape
+    if height >= 3 and width >= 3:
+        # left + right + up + down - 4 x centre on whole rows of the flat image, where each neighbour is one
+        # contiguous slice (3x faster than on 2-d views); the first and last column of each row wrap around
+        # and are dropped after
+        end = (height - 1) * width
+        laplacian = np.add(flat[width - 1 : end - 1], flat[width + 1 : end + 1])
+        laplacian += flat[: end - width]
+        laplacian += flat[2 * width :]
+        laplacian -= 4.0 * flat[width:end]
+        sharpness = _mean_var(laplacian.reshape(height - 2, width)[:, 1:-1].ravel())[1]
     else:
         sharpness = 0.0
     return {

@@ -465,17 +465,31 @@ def test_preprocessing_is_cheap() -> None:
 
 
 def test_the_contrast_percentiles_equal_numpys():
-    """``image_stats`` takes p2 and p98 from one partition; the values must be numpy's to the bit, or the
-    reference profiles the trainer computed and the gateway's live statistics would disagree."""
+    """``image_stats`` takes p2 and p98 from the tails a sample points at (large images) or one partition;
+    the values must be numpy's to the bit, or the reference profiles the trainer computed and the gateway's
+    live statistics would disagree. Also where the sample misleads: tails the strided sample never sees,
+    sorted values, many ties."""
     from services.runtime.preprocessing import _percentiles
 
     rng = np.random.default_rng(0)
-    for n in (1, 2, 3, 7, 50, 1024, 50_176):
-        for _ in range(30):
+    for n in (1, 2, 3, 7, 50, 1024, 8191, 8192, 50_176, 200_000):
+        for trial in range(30):
             values = rng.random(n)
-            if rng.random() < 0.3:
+            if trial % 5 == 1:
                 values = np.round(values, 1)  # ties
-            assert _percentiles(values, 2.0, 98.0) == list(np.percentile(values, (2.0, 98.0)))
+            elif trial % 5 == 2 and n >= 2048:  # the sample (every step-th value) misleads
+                step = n // 1024
+                if trial % 2:  # extremes it never sees
+                    hidden = np.flatnonzero(np.arange(n) % step != 0)
+                    values[rng.choice(hidden, n // 10, replace=False)] = rng.choice([-5.0, 5.0], n // 10)
+                else:  # extremes only where it looks: its tails are far too thick (the whole partition)
+                    values[::step] = rng.choice([-5.0, 5.0], len(values[::step]))
+            elif trial % 5 == 3:
+                values = np.sort(values)[:: 1 if trial % 2 else -1]
+            elif trial % 5 == 4:
+                values = (rng.random(n) < 0.99) * 0.5  # almost all equal
+            for qs in ((2.0, 98.0), (0.0, 50.0, 100.0)):
+                assert _percentiles(values, *qs) == list(np.percentile(values, qs)), (n, trial, qs)
 
 
 def test_the_image_statistics_equal_numpys():
@@ -483,8 +497,8 @@ def test_the_image_statistics_equal_numpys():
     from ``_mean_var``: they must be numpy's ``mean``, ``std`` and ``var`` to the bit, for the same reason as
     the percentiles."""
     rng = np.random.default_rng(1)
-    for _ in range(300):
-        height, width = (int(v) for v in rng.integers(1, 70, 2))
+    for trial in range(300):
+        height, width = (int(v) for v in rng.integers(1, 70 if trial % 10 else 260, 2))
         image = rng.random((height, width, int(rng.choice([1, 2, 3, 4, 5, 9]))), dtype=np.float32)
         gray = image.mean(axis=2, dtype=np.float64)
         stats = image_stats(image)
