@@ -16,8 +16,9 @@ Pillow, exactly as in training), then sent to Triton over pooled gRPC channels.
 ``GET  /healthz``, ``/readyz``, ``/metrics``    live; ready when every routed version is ready in Triton
 ==============================================  =============================================================
 
-Errors: 401 (API key), 404 (unknown model), 413 (body too large), 415 (not an image type), 422 (an image that
-cannot be decoded, with the reason), 503 with Retry-After (no deployed version, Triton down), 504 (timeout).
+Errors: 400 (unparsable multipart), 401 (API key), 404 (unknown model), 413 (body too large, too many images),
+415 (not an image type), 422 (an image that cannot be decoded, with the reason), 503 with Retry-After (no
+deployed version, Triton down), 504 (timeout).
 """
 
 from __future__ import annotations
