@@ -576,9 +576,7 @@ async def read_images(request: Request, limit: int, max_images: int) -> list[byt
     if kind == "multipart/form-data":
         try:
             form = await request.form(max_files=max_images, max_part_size=limit)
-        except (
-            HTTPException
-        ) as exc:  # Starlette's word for a multipart body it refuses; its limits by message
+        except HTTPException as exc:  # Starlette refuses the multipart body; its limits by their message
             detail = str(exc.detail)
             if detail.startswith("Too many files"):
                 raise ApiError(413, "too_many_images", f"over {max_images} images per request") from exc
