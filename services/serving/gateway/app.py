@@ -122,6 +122,7 @@ class GatewayApp(FastAPI):
         if scope["type"] == "http" and scope["method"] == "POST" and self.predict_endpoint is not None:
             matched = PREDICT_PATH.fullmatch(scope["path"])
             if matched:
+                # as Starlette sets it: then Request.form() raises HTTPException, which read_images answers
                 scope["app"] = self
                 response = await self.predict_endpoint(matched.group(1), Request(scope, receive))
                 await response(scope, receive, send)
