@@ -3,6 +3,12 @@
 Pure bookkeeping with an injected clock: the ingest loop asks ``due()`` for closed batches. A change may come
 with a future (a MinIO notification waiting for its ack); it is resolved once its batch is versioned, so a
 notification is acked only after the version that includes it exists, and a crash loses nothing.
+
+Notifications arrive as they happen, so quiet is measured to now. A poller sees arrivals only when a listing
+runs, so it reports the start of each listing it finished (``observed``) and quiet is measured to there: a
+batch closes only after a listing that began ``quiet_s`` past its last arrival found nothing new (the poller
+starts one then: ``quiet_ends``). Measured to now, a slow listing (a big bucket on a busy machine) would close
+a batch while uploads still came in.
 """
 
 from __future__ import annotations
@@ -52,6 +58,16 @@ class Batcher:
         self.clock = clock
         self._open: dict[str, Batch] = {}
         self._in_flight: dict[str, ObjectChange] = {}  # changes of batches being versioned, by key
+        self._observed: float | None = None  # with a poller: the start of its last finished listing
+
+    def observed(self, until: float) -> None:
+        """Every change made before ``until`` (by ``clock``) was added: the poller's listing began then."""
+        self._observed = until
+
+    def quiet_ends(self) -> float | None:
+        """When the first open batch's quiet window ends, unless a listing already saw it end."""
+        ends = [batch.last_at + self.quiet_s for batch in self._open.values()]
+        return min((end for end in ends if self._observed is None or end > self._observed), default=None)
 
     def add(self, change: ObjectChange, waiter: asyncio.Future[None] | None = None) -> None:
         now = self.clock()
@@ -74,10 +90,11 @@ class Batcher:
     def due(self, *, flush: bool = False) -> list[Batch]:
         """Remove and return the batches that closed (all with ``flush``); call ``done`` after each."""
         now = self.clock()
+        seen = now if self._observed is None else min(now, self._observed)
         closed = [
             name
             for name, batch in self._open.items()
-            if flush or now - batch.last_at >= self.quiet_s or len(batch.changes) >= self.max_batch
+            if flush or seen - batch.last_at >= self.quiet_s or len(batch.changes) >= self.max_batch
         ]
         batches = [self._open.pop(name) for name in closed]
         for batch in batches:

@@ -8,6 +8,7 @@ known with another etag, arrived; what is known but no longer listed was removed
 from __future__ import annotations
 
 import asyncio
+import time
 
 from services.ingest.batcher import Batcher
 from services.ingest.known import KnownObjects
@@ -28,6 +29,7 @@ class Poller:
 
     async def poll_once(self) -> int:
         """One listing, diffed; returns how many changes it handed to the batcher."""
+        started = self.batcher.clock()
         listed = await self.store.list(self.bucket)
         known = await self.known.load()
         changes = []
@@ -46,14 +48,26 @@ class Poller:
                 continue  # already in a batch (waiting or being versioned)
             self.batcher.add(change)
             new += 1
+        self.batcher.observed(started)  # quiet windows are measured to this listing's start
         return new
 
     async def run(self) -> None:
         while True:
             try:
+                started = time.monotonic()
                 found = await self.poll_once()
                 if found:
-                    self.log.info("objects changed", bucket=self.bucket, changes=found)
+                    seconds = round(time.monotonic() - started, 3)
+                    self.log.info("objects changed", bucket=self.bucket, changes=found, poll_s=seconds)
             except Exception as exc:  # the store is down: say so and try again next time
                 self.log.warning("polling failed", bucket=self.bucket, error=repr(exc))
-            await asyncio.sleep(self.interval_s)
+                await asyncio.sleep(self.interval_s)
+            else:
+                await asyncio.sleep(self.pause())
+
+    def pause(self) -> float:
+        """The poll interval, or less when a batch's quiet window ends sooner: a listing then closes it."""
+        ends = self.batcher.quiet_ends()
+        if ends is None:
+            return self.interval_s
+        return min(self.interval_s, max(0.0, ends - self.batcher.clock()))

@@ -62,6 +62,23 @@ def test_the_quiet_window_counts_from_the_last_arrival(batcher: Batcher, clock: 
     assert batcher.due() == []  # handed out once
 
 
+def test_with_a_poller_quiet_counts_to_the_start_of_its_last_listing(batcher: Batcher, clock: Clock) -> None:
+    batcher.observed(999.0)  # a listing began at 999 and found the file at 1000
+    batcher.add(created("digits/1/a.png"))
+    clock.advance(10.0)  # a long time, but no listing has looked since
+    assert batcher.due() == []
+    batcher.observed(1002.9)  # a listing that began 2.9 s after the arrival found nothing new
+    assert batcher.due() == []
+    batcher.observed(1003.0)
+    [batch] = batcher.due()
+    assert list(batch.changes) == ["digits/1/a.png"]
+    batcher.add(created("digits/1/b.png"))  # at 1010
+    batcher.observed(1020.0)  # never past now (a clock reading later than the batcher's own)
+    assert batcher.due() == []
+    clock.advance(3.0)
+    assert len(batcher.due()) == 1
+
+
 def test_a_full_batch_closes_before_its_quiet_window(clock: Clock) -> None:
     batcher = Batcher(quiet_s=3.0, max_batch=3, clock=clock)
     batcher.add(created("digits/1/a.png"))

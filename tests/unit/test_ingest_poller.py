@@ -218,6 +218,54 @@ async def test_a_removal_pending_in_the_batcher_is_not_added_twice(
     assert waiting(batcher)[key].kind == "created"
 
 
+async def test_a_slow_listing_does_not_close_a_batch_while_uploads_come_in(
+    listing: Listing, known: MemoryKnown
+) -> None:
+    """Each listing takes 2.5 s, the poller waits 1 s between them, a file arrives every 2.5 s, and the
+    ingest loop looks for closed batches every 0.5 s. Measured to now, the quiet window (3 s) ran out during
+    every second listing although uploads never paused for 3 s: the CI run where a demo's 250 feedback images
+    became a version of 74. Measured to each listing's start, the batch waits for the uploads to stop."""
+    clock = Clock()
+    batcher = Batcher(quiet_s=3.0, max_batch=10_000, clock=clock)
+    poller = Poller(listing, known, batcher, BUCKET, 1.0)  # type: ignore[arg-type]
+    closed: list[int] = []
+    snapshot = listing.list
+
+    async def list_slowly(bucket: str) -> list[Listed]:
+        found = await snapshot(bucket)
+        for _ in range(5):
+            clock.now += 0.5
+            closed.extend(len(batch.changes) for batch in batcher.due())
+        return found
+
+    listing.list = list_slowly  # type: ignore[method-assign]
+    uploads = [2.5 * i for i in range(1, 7)]  # the last at 15 s
+    while clock.now < 40.0:
+        for at in [t for t in uploads if t <= clock.now]:
+            listing.put(f"digits/1/late-{at}.png", images.gray_png(seed=int(at * 10)))
+            uploads.remove(at)
+        await poller.poll_once()
+        closed.extend(len(batch.changes) for batch in batcher.due())
+        clock.now += 1.0
+    assert closed == [12 + 6]  # one batch: the 12 listed at first and every later upload
+
+
+async def test_the_poller_lists_again_when_a_quiet_window_ends(listing: Listing, known: MemoryKnown) -> None:
+    clock = Clock()
+    batcher = Batcher(quiet_s=3.0, max_batch=10_000, clock=clock)
+    poller = Poller(listing, known, batcher, BUCKET, 10.0)  # type: ignore[arg-type]
+    assert poller.pause() == 10.0  # nothing waits
+    clock.now = 1.0
+    await poller.poll_once()  # finds the 12 at 1 s
+    clock.now = 2.5
+    assert poller.pause() == 1.5  # the listing that can close the batch starts at 4 s, not 11 s
+    clock.now = 5.0  # late (a slow listing before): at once
+    assert poller.pause() == 0.0
+    await poller.poll_once()  # began 4 s after the arrivals, found nothing new
+    assert poller.pause() == 10.0  # the batch is due: no listing is needed for it
+    assert [len(batch.changes) for batch in batcher.due()] == [12]
+
+
 async def test_run_keeps_polling_when_the_store_fails(
     poller: Poller, listing: Listing, batcher: Batcher
 ) -> None:
