@@ -1,8 +1,10 @@
 """The nats-server configuration of the embedded stack: JetStream on, one user per service.
 
 Each service may publish only its own events (``contracts.names.SERVICE_PUBLISHES``), its own dead letters,
-and what JetStream needs to consume (API requests, acks, inboxes). The ``admin`` user (the CLI, operators,
-tests) may do everything.
+and what JetStream needs to consume (API requests, acks, inboxes). Of the JetStream API a service may not
+delete or purge a stream, delete a message, snapshot or restore, nor make server or cluster requests
+(``JS_API_DENIED``): each service creates and updates the streams at start and manages its own consumers, but
+only an operator destroys data. The ``admin`` user (the CLI, operators, tests) may do everything.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from contracts.names import SERVICE_PUBLISHES, SERVICES, Subjects
 
-__all__ = ["ADMIN_USER", "NatsConfig", "service_permissions"]
+__all__ = ["ADMIN_USER", "JS_API_DENIED", "NatsConfig", "service_permissions"]
 
 ADMIN_USER = "admin"
 
@@ -27,6 +29,22 @@ _EXTRA_PUBLISH: dict[str, tuple[str, ...]] = {
     "serving": ("$O.{kv}_predictions.>",),  # the gateway keeps recent images for feedback labels
     "monitor": ("$KV.{kv}_monitor.>",),
 }
+
+# JetStream API requests no service makes: each would destroy data or reach past the account. (Purging with a
+# subject filter is how nats-py's ObjectStore.put replaces an object; the gateway writes its own format.)
+JS_API_DENIED = (
+    "$JS.API.STREAM.DELETE.>",
+    "$JS.API.STREAM.PURGE.>",
+    "$JS.API.STREAM.MSG.DELETE.>",
+    "$JS.API.STREAM.SNAPSHOT.>",
+    "$JS.API.STREAM.RESTORE.>",
+    "$JS.API.STREAM.PEER.>",
+    "$JS.API.STREAM.LEADER.>",
+    "$JS.API.CONSUMER.LEADER.>",
+    "$JS.API.ACCOUNT.>",
+    "$JS.API.META.>",
+    "$JS.API.SERVER.>",
+)
 
 
 def service_permissions(
@@ -55,7 +73,8 @@ def service_permissions(
                 "$JS.API.>",  # stream/consumer info, consumer creation, pull requests, KV reads
                 "$JS.ACK.>",  # acks, naks, in-progress
                 "_INBOX.>",  # replies to admin requests
-            ]
+            ],
+            "deny": list(JS_API_DENIED),
         },
         "subscribe": {"allow": ["_INBOX.>", f"{p}.>"]},
     }

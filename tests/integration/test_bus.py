@@ -222,6 +222,32 @@ async def test_service_user_cannot_publish_outside_its_permissions(
         await nc.close()
 
 
+async def test_service_users_cannot_delete_or_purge_streams(nats_server, service_settings, prefix, admin_bus):
+    """Every service creates the streams and its consumers, but none may destroy what a stream holds."""
+    stream = admin_bus.settings.subjects.dlq_stream
+    await admin_bus.js.publish(f"{prefix}.dlq.serving", b"a dead letter", timeout=2)
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    password = service_settings("serving").nats_password.get_secret_value()
+    nc = await nats.connect(nats_server.url, user="serving", password=password, error_cb=on_error)
+    try:
+        js = nc.jetstream(timeout=1)
+        assert (await js.stream_info(stream)).state.messages == 1  # reading is allowed
+        for attempt in (js.purge_stream(stream), js.delete_msg(stream, 1), js.delete_stream(stream)):
+            with pytest.raises(nats.errors.Error):
+                await attempt
+        await asyncio.sleep(0.2)
+        refused = [str(e).lower() for e in errors if "permissions violation" in str(e).lower()]
+        for verb, message in zip(("purge", "msg.delete", "delete"), refused, strict=True):
+            assert f'"$js.api.stream.{verb}.{stream.lower()}"' in message
+    finally:
+        await nc.close()
+    assert (await admin_bus.js.stream_info(stream)).state.messages == 1
+
+
 async def test_dataset_event_filter_by_name(service_settings):
     """A consumer can follow one name only; others are not delivered to it."""
     seen: list[str] = []

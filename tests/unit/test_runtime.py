@@ -88,6 +88,9 @@ def test_service_permissions_allow_only_own_events():
     wide = service_permissions("monitor", subjects, any_prefix=True)["publish"]["allow"]
     assert "*.drift.detected.>" in wide and "*.drift.cleared.>" in wide and "*.model.trained.>" not in wide
     assert "$KV.*.>" in service_permissions("ingest", subjects, any_prefix=True)["publish"]["allow"]
+    denied = service_permissions("serving", subjects)["publish"]["deny"]
+    assert "$JS.API.STREAM.DELETE.>" in denied and "$JS.API.STREAM.PURGE.>" in denied
+    assert not any(s.startswith(("$JS.API.STREAM.CREATE", "$JS.API.CONSUMER.CREATE")) for s in denied)
 
 
 def test_nats_config_keeps_given_passwords_and_generates_the_rest(tmp_path):
