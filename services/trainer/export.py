@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "export_onnx",
     "export_torchscript",
     "reference_profile",
+    "serving_spec",
     "sha256_file",
 ]
 
@@ -43,6 +45,32 @@ TOLERANCE = 1e-4
 """Largest difference allowed between an exported model's logits and the in-memory model's on the example."""
 
 log = get_logger(component="trainer.export")
+
+
+def serving_spec(
+    image_shape: Sequence[int],
+    labels: list[str],
+    embedding_dim: int,
+    *,
+    onnx: bool,
+    max_batch_size: int,
+    preprocessing: dict[str, Any],
+) -> dict[str, Any]:
+    """``serving_spec.json``: the exported files, their tensors (batch dimension -1) and the preprocessing,
+    from which serving renders the Triton config of its backend (``services/serving/tritonconfig.py``)."""
+    c, h, w = (int(n) for n in image_shape)  # C x H x W
+    return {
+        "format": "torchscript",
+        "files": {"torchscript": "model.pt", **({"onnx": "model.onnx"} if onnx else {})},
+        "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": [-1, c, h, w]}],
+        "outputs": [
+            {"name": OUTPUT_NAMES[0], "dtype": "float32", "shape": [-1, len(labels)]},
+            {"name": OUTPUT_NAMES[1], "dtype": "float32", "shape": [-1, int(embedding_dim)]},
+        ],
+        "max_batch_size": max_batch_size,
+        "preprocessing": preprocessing,
+        "labels": labels,
+    }
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:

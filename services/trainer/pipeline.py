@@ -208,22 +208,14 @@ class Pipeline:
         profile = export.reference_profile(
             logits, embeddings, data.labels, stats, seed=job.policy.hyperparameters.seed
         )
-        c, h, w = x["train"].shape[1:]
-        serving_spec = {
-            "format": "torchscript",
-            "files": {
-                "torchscript": "model.pt",
-                **({"onnx": "model.onnx"} if (out / "model.onnx").exists() else {}),
-            },
-            "inputs": [{"name": "image", "dtype": "float32", "shape": [-1, int(c), int(h), int(w)]}],
-            "outputs": [
-                {"name": "logits", "dtype": "float32", "shape": [-1, len(data.labels)]},
-                {"name": "embedding", "dtype": "float32", "shape": [-1, int(embeddings.shape[1])]},
-            ],
-            "max_batch_size": MAX_BATCH_SIZE,
-            "preprocessing": spec.to_dict(),
-            "labels": data.labels,
-        }
+        serving_spec = export.serving_spec(
+            x["train"].shape[1:],
+            data.labels,
+            embeddings.shape[1],
+            onnx=(out / "model.onnx").exists(),
+            max_batch_size=MAX_BATCH_SIZE,
+            preprocessing=spec.to_dict(),
+        )
         (out / "serving_spec.json").write_text(json.dumps(serving_spec, indent=2))
         (out / "labels.json").write_text(json.dumps(data.labels))
         (out / "reference_profile.json").write_text(json.dumps(profile))

@@ -26,6 +26,7 @@ from services.trainer.export import (
     export_onnx,
     export_torchscript,
     reference_profile,
+    serving_spec,
     sha256_file,
 )
 from services.trainer.model import build_model
@@ -245,13 +246,66 @@ def test_onnx_export(
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == ["image"]
     assert [o.name for o in graph.output] == ["logits", "embedding"]
-    if importlib.util.find_spec("onnxruntime") is not None:
-        import onnxruntime
+    import onnxruntime  # a dev dependency: the export's own check runs it too
 
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        logits, embedding = session.run(None, {"image": x_test[:7]})
-        expected, _ = predict(model, x_test[:7])
-        assert np.abs(logits - expected).max() < 1e-4 and embedding.shape == (7, 64)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, embedding = session.run(None, {"image": x_test[:7]})
+    expected, _ = predict(model, x_test[:7])
+    assert np.abs(logits - expected).max() < 1e-4 and embedding.shape == (7, 64)
+
+
+def test_the_production_triton_configs_bind_to_the_exported_files(
+    tmp_path: Path,
+    digits: tuple[Split, Split, Split],
+    trained: tuple[torch.nn.Module, TrainResult, list[EpochResult]],
+) -> None:
+    """The libtorch and ONNX Runtime configs serving renders from the spec, held against the files as the
+    Triton container's backends read them (no container here to load them): libtorch feeds the TorchScript's
+    inputs and takes its outputs by position, ONNX Runtime matches names, types and ranks, and a dynamic
+    batch dimension where ``max_batch_size`` > 0."""
+    import onnx
+    import onnxruntime
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from services.serving.tritonconfig import TritonOptions, render_config
+
+    model, _, _ = trained
+    _, _, (x_test, _) = digits
+    export_torchscript(model, x_test[:2], tmp_path / "model.pt")
+    assert export_onnx(model, x_test[:2], tmp_path / "model.onnx")
+    spec = serving_spec(
+        x_test.shape[1:], DIGIT_LABELS, 64, onnx=True, max_batch_size=256, preprocessing={"size": 32}
+    )
+
+    def config(backend: Any) -> Any:
+        text = render_config("digits", spec, [1], TritonOptions(backend=backend))
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+    libtorch = config("pytorch_libtorch")
+    module = torch.jit.load(str(tmp_path / "model.pt"))
+    assert [i.name for i in libtorch.input] == ["image__0"]
+    assert len(module.forward.schema.arguments) == 2  # self and the one tensor libtorch feeds
+    outputs = module(torch.from_numpy(x_test[:3]))
+    assert isinstance(outputs, tuple) and len(outputs) == len(libtorch.output) == 2
+    for declared, tensor in zip(libtorch.output, outputs, strict=True):
+        assert tensor.dtype == torch.float32 and tensor.dim() == len(declared.dims) + 1
+    assert [tuple(t.shape) for t in outputs] == [(3, 10), (3, 64)]
+
+    ort = config("onnxruntime")
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    pairs = [*zip(ort.input, graph.input, strict=True), *zip(ort.output, graph.output, strict=True)]
+    for declared, actual in pairs:
+        assert declared.name == actual.name and declared.data_type == model_config_pb2.TYPE_FP32
+        assert actual.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        dims = actual.type.tensor_type.shape.dim
+        assert len(dims) == len(declared.dims) + 1 and not dims[0].HasField("dim_value")  # batch: free
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    served = session.run([o.name for o in ort.output], {ort.input[0].name: x_test[:5]})
+    with torch.inference_mode():
+        scripted = module(torch.from_numpy(x_test[:5]))
+    for ours, theirs in zip(served, scripted, strict=True):
+        assert np.abs(ours - theirs.numpy()).max() < 1e-4
 
 
 def test_onnx_export_without_onnx_returns_false(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
