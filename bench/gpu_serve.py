@@ -8,10 +8,13 @@ not depend on the weights), exported to TorchScript as the trainer exports it.
   GPU, logits and embeddings back to the host), in float32 and in fp16 channels-last;
 - served: the bundled tritonserver on the GPU, the version written by serving's own repository code (the
   Python backend's ``model.py``, GPU instances, dynamic batching), a few configs side by side; 128
-  concurrent gRPC clients (8 processes) each sending one preprocessed image per request;
+  concurrent gRPC clients (8 processes) each sending one image per request, decoded in the client: as a
+  preprocessed float32 ``image`` (legs ``<config>-image``) and as its uint8 ``pixels``, which ``model.py``
+  normalises on the GPU (legs ``<config>-pixels``; a quarter of the bytes);
 - gateway: ``python -m services.serving.gateway`` (default settings: every image kept for feedback, every
   prediction in inference.logged) in front of the fastest config, the same 128 clients sending the JPEG
-  bytes, measured right after direct Triton on that config.
+  bytes (at the model's size: the gateway sends their pixels), measured right after direct Triton on that
+  config with pixels.
 
 Targets: served over raw torch (same precision) >= 0.8; gateway over direct Triton >= 0.9. Each served
 config's answers are checked against the in-process module first (labels equal, largest logit difference
@@ -64,11 +67,12 @@ async def _clients(spec: dict[str, Any]) -> dict[str, Any]:
         import tritonclient.grpc.aio as grpcclient
 
         client = grpcclient.InferenceServerClient(spec["target"])
-        tensors = payloads["tensors"]
+        name = spec["input"]
+        tensors, datatype = payloads[name], "UINT8" if name == "pixels" else "FP32"
 
         async def call(i: int) -> None:
             x = tensors[i % len(tensors)][None]
-            inputs = [grpcclient.InferInput("image", list(x.shape), "FP32")]
+            inputs = [grpcclient.InferInput(name, list(x.shape), datatype)]
             inputs[0].set_data_from_numpy(x)
             await client.infer(spec["model"], inputs, model_version="1")
     else:
@@ -102,11 +106,18 @@ async def _clients(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(
-    kind: str, target: str, model: str, payloads: Path, args: Any, server_pids: list[int] | None = None
+    kind: str,
+    target: str,
+    model: str,
+    payloads: Path,
+    args: Any,
+    server_pids: list[int] | None = None,
+    input_name: str = "image",
 ) -> dict[str, Any]:
     """``args.clients`` concurrent clients in ``args.processes`` processes against ``target`` (Triton's
-    gRPC address, or the gateway's port): requests/s, p50/p99 ms and errors over ``args.seconds`` after
-    ``args.warmup`` seconds; with ``server_pids``, their CPU time per request in that window."""
+    gRPC address, sending ``input_name``, or the gateway's port): requests/s, p50/p99 ms and errors over
+    ``args.seconds`` after ``args.warmup`` seconds; with ``server_pids``, their CPU time per request in that
+    window."""
     from lean import cpu_seconds
 
     per = args.clients // args.processes
@@ -114,6 +125,7 @@ def load(
     specs = [
         {
             "kind": kind,
+            "input": input_name,
             "target": target,
             "model": model,
             "payloads": str(payloads),
@@ -189,12 +201,14 @@ def raw_torch(model_path: Path, x: np.ndarray, batch: int, half: bool, dev: Any,
 
 
 async def check_answers(url: str, model: str, x: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
-    """Triton's logits for ``x`` against ``expected`` (the in-process module's, float32)."""
+    """Triton's logits for ``x`` (float32 images, or uint8 pixels) against ``expected`` (the in-process
+    module's, float32)."""
     import tritonclient.grpc.aio as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
     try:
-        inputs = [grpcclient.InferInput("image", list(x.shape), "FP32")]
+        name, datatype = ("pixels", "UINT8") if x.dtype == np.uint8 else ("image", "FP32")
+        inputs = [grpcclient.InferInput(name, list(x.shape), datatype)]
         inputs[0].set_data_from_numpy(x)
         result = await client.infer(model, inputs, model_version="1")
         logits = result.as_numpy("logits")
@@ -230,7 +244,7 @@ async def serve_bench(args: Any) -> dict[str, Any]:
     from lean import children, rss_mb
     from serve import deploy, export_model, route
 
-    from services.runtime.preprocessing import preprocess_batch
+    from services.runtime.preprocessing import decode_samples, preprocess_batch
     from services.serving.tritonconfig import TritonOptions
     from services.trainer.training import resolve_device
     from tests.servers import free_port, gateway_env, run_nats, run_triton, wait_until_ok
@@ -251,10 +265,11 @@ async def serve_bench(args: Any) -> dict[str, Any]:
         folder = root / "model"
         _, spec, model = export_model(folder, jpegs, "resnet", 3, args.size, max_batch=256)
         x = preprocess_batch(jpegs, spec)
+        pixels = np.stack([decode_samples(j).transpose(2, 0, 1) for j in jpegs])  # what model.py normalises
         with torch.no_grad():
             expected = model(torch.from_numpy(x[:8]))[0].numpy()
         payloads = root / "payloads.pickle"
-        payloads.write_bytes(pickle.dumps({"tensors": x, "jpegs": jpegs}))
+        payloads.write_bytes(pickle.dumps({"image": x, "pixels": pixels, "jpegs": jpegs}))
 
         raw: dict[str, float] = {}
         for precision in ("fp32", "fp16") if gpu else ("fp32",):
@@ -284,23 +299,30 @@ async def serve_bench(args: Any) -> dict[str, Any]:
                 raise
             results["load_all_configs_s"] = round(time.perf_counter() - began, 1)
             served: dict[str, Any] = {}
+            sent = {"image": x, "pixels": pixels}
             for label, options in configs.items():
-                leg: dict[str, Any] = {"options": options.__dict__}
-                try:
-                    leg["answers"] = await check_answers(triton.grpc_url, names[label], x[:8], expected)
-                    progress(f"served {label}: {args.clients} clients")
-                    leg |= load("triton", triton.grpc_url, names[label], payloads, args)
-                    baseline = raw[options.gpu_precision if gpu else "fp32"]  # precision: GPU only
-                    leg["over_raw_torch"] = round(leg["rps"] / baseline, 3)
-                except Exception as exc:  # reported; the other configs run
-                    leg["failed"] = f"{type(exc).__name__}: {exc}"
-                served[label] = leg
-                print(json.dumps({label: leg}), file=sys.stderr, flush=True)
+                for input_name in args.inputs:
+                    leg: dict[str, Any] = {"options": options.__dict__, "input": input_name}
+                    try:
+                        leg["answers"] = await check_answers(
+                            triton.grpc_url, names[label], sent[input_name][:8], expected
+                        )
+                        progress(f"served {label} ({input_name}): {args.clients} clients")
+                        leg |= load("triton", triton.grpc_url, names[label], payloads, args, None, input_name)
+                        baseline = raw[options.gpu_precision if gpu else "fp32"]  # precision: GPU only
+                        leg["over_raw_torch"] = round(leg["rps"] / baseline, 3)
+                    except Exception as exc:  # reported; the other configs run
+                        leg["failed"] = f"{type(exc).__name__}: {exc}"
+                    served[f"{label}-{input_name}"] = leg
+                    print(json.dumps({f"{label}-{input_name}": leg}), file=sys.stderr, flush=True)
             results["served"] = served
             ok = {k: v for k, v in served.items() if "rps" in v}
             if not ok or args.gateway_workers == 0:
                 return results
-            best = max(ok, key=lambda k: ok[k]["rps"])
+            # the gateway sends pixels (its JPEGs are 8-bit and the model's size): the best config for those
+            legs = {k: v for k, v in ok.items() if v["input"] == "pixels"} or ok
+            best = max(legs, key=lambda k: legs[k]["rps"]).rsplit("-", 1)[0]
+            direct_input = "pixels" if "pixels" in args.inputs else "image"
             await route(nats_server, [names[best]])
             port = free_port()
             env = gateway_env("bench", root / "gateway", nats_server, triton) | {
@@ -316,10 +338,11 @@ async def serve_bench(args: Any) -> dict[str, Any]:
                     await wait_until_ok(http, "/readyz", seconds=60, alive=lambda: gateway.poll() is None)
                 workers = children(gateway.pid) or [gateway.pid]  # one worker: uvicorn runs it in-process
                 progress(f"direct Triton on {best} again, then the gateway: {args.clients} clients")
-                direct = load("triton", triton.grpc_url, names[best], payloads, args)
+                direct = load("triton", triton.grpc_url, names[best], payloads, args, None, direct_input)
                 through = load("gateway", str(port), names[best], payloads, args, workers)
                 results["gateway"] = {
                     "config": best,
+                    "direct_input": direct_input,
                     "workers": args.gateway_workers,
                     "settings": args.gateway_env,
                     "direct_triton": direct,
@@ -343,6 +366,15 @@ def _config(text: str) -> tuple[Literal["fp32", "fp16"], int, int]:
     return cast(Literal["fp32", "fp16"], precision), int(instances), int(batch)
 
 
+def _inputs(text: str) -> list[str]:
+    import argparse
+
+    names = [t for t in text.split(",") if t]
+    if not names or set(names) - {"image", "pixels"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of image, pixels")
+    return names
+
+
 def add_arguments(parser: Any) -> None:
     parser.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
     parser.add_argument("--size", type=int, default=224, help="image side")
@@ -356,6 +388,12 @@ def add_arguments(parser: Any) -> None:
         help="a served config (repeatable; default fp32:1:64, fp32:2:64, fp16:2:64, fp16:4:128)",
     )
     parser.add_argument("--delay-us", type=int, default=500, help="dynamic batching's max queue delay")
+    parser.add_argument(
+        "--inputs",
+        type=_inputs,
+        default=["image", "pixels"],
+        help="what the direct clients send, each a leg: image (float32), pixels (uint8); default both",
+    )
     parser.add_argument("--clients", type=int, default=128)
     parser.add_argument("--processes", type=int, default=8, help="client processes")
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds of load before each measurement")

@@ -8,6 +8,11 @@ The pipeline, and the function for each step::
                  --prepare-->   S x S x channels float32 in [0, 1]  (channel rules, then resize to spec.size)
                  --normalise--> channels x S x S float32            ((x - mean) / std per channel)
 
+``decode_samples`` is ``decode`` that leaves an 8-bit PNG or JPEG's samples as they are (uint8, which
+``decode`` divides by 255): where they are already ``S x S x channels``, ``prepare`` would only scale them, so
+the gateway sends them to a Python-backend model as bytes and the model divides and normalises them itself,
+with the same float32 operations (``normalise_pixels``; the Triton ``model.py`` does it on the device).
+
 ``preprocess`` is ``normalise(prepare(image))``; ``preprocess_batch`` writes N of them into one contiguous
 N x C x S x S array, the TorchScript's ``image`` input. ``fit_spec`` computes the per-channel mean and std on
 prepared training images (the trainer fits it on the train split only) and ``image_stats`` summarises a
@@ -80,9 +85,11 @@ __all__ = [
     "UnsupportedImageFormat",
     "as_float_image",
     "decode",
+    "decode_samples",
     "fit_spec",
     "image_stats",
     "normalise",
+    "normalise_pixels",
     "pages_for",
     "prepare",
     "preprocess",
@@ -230,6 +237,19 @@ def decode(
     header, before any pixel is decoded (``ImageTooLarge``). Raises ``ImageDecodeError`` (a ``ValueError``)
     for anything that is not a decodable image; a missing file raises ``FileNotFoundError``.
     """
+    samples = decode_samples(data, pages=pages, max_pixels=max_pixels)
+    return _to_unit(samples, None) if samples.dtype == np.uint8 else samples
+
+
+def decode_samples(
+    data: bytes | bytearray | memoryview | Path,
+    *,
+    pages: Pages = "all",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray[Any, Any]:
+    """``decode``, except that an 8-bit PNG or JPEG comes back as its samples, H x W x C uint8 (``decode``
+    divides them by 255: ``as_float_image`` of them is ``decode``'s result). Every other image is ``decode``'s
+    float32 in [0, 1]."""
     if isinstance(data, Path):
         content = data.read_bytes()
     elif isinstance(data, bytes | bytearray | memoryview):
@@ -319,7 +339,7 @@ def _check_pixels(width: int, height: int, planes: int, samples: int, max_pixels
         )
 
 
-def _decode_pillow(content: bytes, fmt: str, max_pixels: int) -> FloatArray:
+def _decode_pillow(content: bytes, fmt: str, max_pixels: int) -> np.ndarray[Any, Any]:
     # The plugin classes parse the header only; Image.open would apply Pillow's own global bomb limit.
     image: Image.Image
     if fmt == "PNG":
@@ -333,11 +353,17 @@ def _decode_pillow(content: bytes, fmt: str, max_pixels: int) -> FloatArray:
         orientation = image.getexif().get(0x0112, 1)
         if orientation in (2, 3, 4, 5, 6, 7, 8):
             image = ImageOps.exif_transpose(image)
-        return _pillow_pixels(image)
+        return _pillow_samples(image)
 
 
 def _pillow_pixels(image: Image.Image) -> FloatArray:
     """A loaded Pillow image as H x W x C float32 in [0, 1] (alpha dropped, colour modes as RGB)."""
+    samples = _pillow_samples(image)
+    return _to_unit(samples, None) if samples.dtype == np.uint8 else samples
+
+
+def _pillow_samples(image: Image.Image) -> np.ndarray[Any, Any]:
+    """``_pillow_pixels``, but 8-bit samples as they are: H x W x C uint8."""
     mode = image.mode
     if mode in ("P", "PA"):
         image = image.convert("RGBA" if mode == "PA" or "transparency" in image.info else "RGB")
@@ -358,6 +384,8 @@ def _pillow_pixels(image: Image.Image) -> FloatArray:
             sampleformat = image.tag_v2.get(339, (1,))
             signed = (sampleformat[0] if isinstance(sampleformat, tuple) else sampleformat) == 2
             top = float(2 ** (bits - 1) - 1 if signed else 2**bits - 1)
+    if array.dtype == np.uint8:  # top is None: 8-bit samples are divided by 255
+        return array if array.ndim == 3 else array[:, :, None]
     return _to_unit(array, top)
 
 
@@ -494,6 +522,18 @@ def normalise(prepared: FloatArray, spec: PreprocessSpec, *, out: FloatArray | N
     std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
     np.subtract(prepared.transpose(2, 0, 1), mean, out=out)
     np.divide(out, std, out=out)
+    return out
+
+
+def normalise_pixels(pixels: np.ndarray[Any, Any], spec: PreprocessSpec) -> FloatArray:
+    """N x C x S x S uint8 samples (``decode_samples`` of images already ``S x S x C``, channels first) as the
+    model's input: ``normalise(as_float_image(...))`` of each, to the bit. The Python backend's ``model.py``
+    runs the same three float32 operations on the device (divide by 255, subtract the mean, divide by the
+    std, each a true IEEE operation)."""
+    out = pixels.astype(np.float32)
+    out /= np.float32(255)
+    out -= np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
+    out /= np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
     return out
 
 

@@ -7,7 +7,10 @@ the routes need, so Triton loads those and unloads the rest.
 Backends:
 
 - ``python`` (the embedded default): the Python backend runs ``model.py`` (``PYTHON_MODEL``) in each version
-  folder, which loads the TorchScript on the GPU when the instance is a GPU instance, else on the CPU;
+  folder, which loads the TorchScript on the GPU when the instance is a GPU instance, else on the CPU. Besides
+  ``image`` (float32, preprocessed) it takes ``pixels`` (uint8, the samples of 8-bit images already the
+  model's size), which it normalises itself: a quarter of the bytes through gRPC and the backend's stub. A
+  request carries one of the two (both are optional inputs);
 - ``pytorch_libtorch``: Triton's libtorch backend on ``model.pt`` (the production container);
 - ``onnxruntime``: ONNX Runtime on ``model.onnx`` (the production container).
 """
@@ -20,6 +23,7 @@ from typing import Any, Literal
 
 __all__ = [
     "BACKENDS",
+    "PIXELS",
     "PYTHON_MODEL",
     "Backend",
     "TritonOptions",
@@ -31,7 +35,13 @@ __all__ = [
 Backend = Literal["python", "pytorch_libtorch", "onnxruntime"]
 BACKENDS: tuple[Backend, ...] = ("python", "pytorch_libtorch", "onnxruntime")
 
-_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
+_DTYPES = {
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "int64": "TYPE_INT64",
+    "int32": "TYPE_INT32",
+    "uint8": "TYPE_UINT8",
+}
 
 
 @dataclass(frozen=True)
@@ -57,16 +67,22 @@ def model_file(backend: Backend, spec: Mapping[str, Any]) -> tuple[str, str]:
     return files.get("torchscript", "model.pt"), "model.pt"
 
 
+PIXELS = "pixels"
+"""The Python backend's uint8 input (N x C x H x W samples of 8-bit images), normalised in ``model.py``."""
+
+
 def served_tensors(backend: Backend, spec: Mapping[str, Any]) -> dict[str, str]:
     """The spec's tensor names (``image``, ``logits``, ``embedding``) -> the names Triton serves them under
     with ``backend``: the libtorch backend binds TorchScript tensors by position, named ``<name>__<index>``
     (index among the inputs, or among the outputs); the Python backend and ONNX Runtime use the names as
-    they are."""
+    they are. The Python backend also serves ``pixels``."""
     names = {}
     for tensors in (spec["inputs"], spec["outputs"]):
         for index, entry in enumerate(tensors):
             name = str(entry["name"])
             names[name] = f"{name}__{index}" if backend == "pytorch_libtorch" else name
+    if backend == "python":
+        names[PIXELS] = PIXELS
     return names
 
 
@@ -79,7 +95,14 @@ def render_config(
         raise ValueError("a model config lists at least one version")
     max_batch = min(int(spec.get("max_batch_size") or options.max_batch_size), options.max_batch_size)
     served = served_tensors(options.backend, spec)
-    inputs = [_tensor(t, served[t["name"]]) for t in spec["inputs"]]
+    python = options.backend == "python"
+    inputs = [_tensor(t, served[t["name"]], optional=python) for t in spec["inputs"]]
+    if python:  # a request sends its images as float32 ``image`` or as uint8 ``pixels``
+        inputs.append(
+            _tensor(
+                {"name": PIXELS, "dtype": "uint8", "shape": spec["inputs"][0]["shape"]}, PIXELS, optional=True
+            )
+        )
     outputs = [_tensor(t, served[t["name"]]) for t in spec["outputs"]]
     kind = "KIND_GPU" if options.gpu else "KIND_CPU"
     lines = [
@@ -93,7 +116,7 @@ def render_config(
     ]
     if options.dynamic_batching:
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {options.max_queue_delay_us} }}")
-    if options.backend == "python":
+    if python:
         # each instance runs in its own stub process; keep torch from taking every core in each of them
         lines.append('parameters: { key: "torch_threads" value: { string_value: "0" } }')
         precision = options.gpu_precision
@@ -101,7 +124,7 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
-def _tensor(entry: Mapping[str, Any], name: str) -> str:
+def _tensor(entry: Mapping[str, Any], name: str, *, optional: bool = False) -> str:
     dtype = _DTYPES.get(str(entry.get("dtype")))
     if dtype is None:
         raise ValueError(
@@ -109,15 +132,21 @@ def _tensor(entry: Mapping[str, Any], name: str) -> str:
         )
     shape = list(entry["shape"])[1:]  # without the batch dimension
     dims = ", ".join("-1" for _ in shape)  # free: versions of one model may differ
-    return f'  {{ name: "{name}", data_type: {dtype}, dims: [ {dims} ] }}'
+    flag = ", optional: true" if optional else ""
+    return f'  {{ name: "{name}", data_type: {dtype}, dims: [ {dims} ]{flag} }}'
 
 
 PYTHON_MODEL = '''"""Triton Python backend: one version of a Conveyor model, its TorchScript run by torch.
 
+A request sends its images as ``image`` (float32, preprocessed) or as ``pixels`` (uint8 samples of 8-bit
+images already the model's size), which are normalised here as ``services/runtime/preprocessing.py``'s
+``normalise_pixels`` does: divided by 255, the mean subtracted, divided by the std, in float32, each operand a
+tensor on the batch's device (so CUDA divides, rather than multiplying by a reciprocal): the same bits.
+
 On a GPU instance each batch is copied into one pinned host buffer (the copy that joins the requests) and
 sent to the GPU from there, padded up to a power of two so cuDNN's autotuning and TorchScript's profiling
-see few shapes; with the ``gpu_precision`` parameter ``fp16`` the module runs in half precision,
-channels-last. On a CPU instance the batch runs as it comes, in float32.
+see few shapes; pixels are normalised on the GPU. With the ``gpu_precision`` parameter ``fp16`` the module
+runs in half precision, channels-last. On a CPU instance the batch runs as it comes, in float32.
 """
 
 import json
@@ -126,6 +155,8 @@ import os
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+
+PIXELS = "pixels"
 
 
 def _parameter(config, key, default):
@@ -158,9 +189,15 @@ class TritonPythonModel:
         if self.gpu:
             torch.backends.cudnn.benchmark = True
         self.max_batch = max(1, int(config.get("max_batch_size") or 1))
-        self.staging = None
+        self.staging = {}  # pinned host buffers by dtype
         self.input = spec["inputs"][0]["name"]
         self.outputs = [o["name"] for o in spec["outputs"]]
+        pre = spec.get("preprocessing") or {}
+        channels = int(spec["inputs"][0].get("shape", [0, 1])[1])
+        mean = np.asarray(pre.get("mean", [0.0] * channels), dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(pre.get("std", [1.0] * channels), dtype=np.float32).reshape(-1, 1, 1)
+        self.unit = [np.float32(255), mean, std]  # pixels -> image: / 255, - mean, / std
+        self.unit_on_device = [torch.from_numpy(np.asarray(a)).to(self.device) for a in self.unit]
 
     def _on_device(self, batch, rows):
         if not self.gpu:
@@ -168,36 +205,75 @@ class TritonPythonModel:
         padded = _bucket(rows, self.max_batch)
         tail = batch[0].shape[1:]
         dtype = torch.from_numpy(batch[0][:0]).dtype
-        staging = self.staging
-        if staging is None or staging.shape[1:] != tail or staging.dtype != dtype or len(staging) < padded:
+        staging = self.staging.get(dtype)
+        if staging is None or staging.shape[1:] != tail or len(staging) < padded:
             staging = torch.empty((padded, *tail), dtype=dtype)  # grows with the batches, a few times
             try:
                 staging = staging.pin_memory()
             except RuntimeError:  # no pinned memory to be had: pageable, slower to copy
                 pass
-            self.staging = staging
+            self.staging[dtype] = staging
         # rows past ``rows`` hold stale data: each row's outputs depend on that row alone (eval mode) and
         # are sliced off; the buffer is free again once this batch's outputs are back on the host
         np.concatenate(batch, out=staging.numpy()[:rows])
-        x = staging[:padded].to(self.device, non_blocking=True)
-        if self.half:
-            x = x.half().contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.half()
+        return staging[:padded].to(self.device, non_blocking=True)
+
+    def _images(self, pixels):
+        """uint8 pixels (a tensor on the device) as the model's float32 input."""
+        scale, mean, std = self.unit_on_device
+        x = pixels.to(torch.float32)
+        x /= scale
+        x -= mean
+        x /= std
+        return x
+
+    def _pixels_on_host(self, array):
+        scale, mean, std = self.unit
+        x = array.astype(np.float32)
+        x /= scale
+        x -= mean
+        x /= std
         return x
 
     def execute(self, requests):
-        batch = [pb_utils.get_input_tensor_by_name(r, self.input).as_numpy() for r in requests]
+        batch, pixels, missing = [], [], set()
+        for index, request in enumerate(requests):
+            tensor = pb_utils.get_input_tensor_by_name(request, self.input)
+            sent = None if tensor is not None else pb_utils.get_input_tensor_by_name(request, PIXELS)
+            if tensor is None and sent is None:
+                missing.add(index)
+                continue
+            batch.append((tensor if sent is None else sent).as_numpy())
+            pixels.append(sent is not None)
+        if not batch:
+            return [self._missing() for _ in requests]
+        if any(pixels) and not all(pixels):  # both kinds in one batch: the pixels become images here
+            batch = [self._pixels_on_host(a) if p else a for a, p in zip(batch, pixels)]
         sizes = [b.shape[0] for b in batch]
         rows = sum(sizes)
         with torch.inference_mode():
-            results = self.module(self._on_device(batch, rows))
+            x = self._on_device(batch, rows)
+            if all(pixels):
+                x = self._images(x)
+            if self.half:
+                x = x.half().contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.half()
+            results = self.module(x)
         if isinstance(results, torch.Tensor):
             results = (results,)
         arrays = [r[:rows].float().cpu().numpy() for r in results]
-        responses, start = [], 0
-        for size in sizes:
+        responses, start, sized = [], 0, iter(sizes)
+        for index in range(len(requests)):
+            if index in missing:
+                responses.append(self._missing())
+                continue
+            size = next(sized)
             tensors = [pb_utils.Tensor(n, a[start : start + size]) for n, a in zip(self.outputs, arrays)]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses
+
+    def _missing(self):
+        error = pb_utils.TritonError(f"send the images as {self.input!r} (float32) or {PIXELS!r} (uint8)")
+        return pb_utils.InferenceResponse(output_tensors=[], error=error)
 '''
 """The ``model.py`` of the Python backend, written into each version folder."""

@@ -92,9 +92,11 @@ async def route(bus: EventBus, state: RolloutState) -> None:
 
 
 def infer(triton_url: str, model: str, version: int, batch: np.ndarray) -> np.ndarray:
+    """The logits Triton answers for ``batch``: float32 images as ``image``, uint8 samples as ``pixels``."""
+    name, datatype = ("pixels", "UINT8") if batch.dtype == np.uint8 else ("image", "FP32")
     body = {
         "inputs": [
-            {"name": "image", "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}
+            {"name": name, "shape": list(batch.shape), "datatype": datatype, "data": batch.ravel().tolist()}
         ]
     }
     r = httpx.post(f"{triton_url}/v2/models/{model}/versions/{version}/infer", json=body, timeout=30)
@@ -121,7 +123,7 @@ async def test_a_promoted_version_serves_what_the_torchscript_computes(world, tr
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == ref.sha256
     assert "version_policy: { specific: { versions: [1] } }" in (folder.parent / "config.pbtxt").read_text()
     served = json.loads((folder / "served.json").read_text())  # the Python backend: the names as they are
-    assert served == {name: name for name in ("image", "logits", "embedding")}
+    assert served == {name: name for name in ("image", "logits", "embedding", "pixels")}
 
     import torch
 
@@ -137,6 +139,18 @@ async def test_a_promoted_version_serves_what_the_torchscript_computes(world, tr
     served = await asyncio.to_thread(infer, triton_server.url, model, 1, batch)
     np.testing.assert_allclose(served, expected, atol=1e-4)  # the same TorchScript on the same CPU
     assert (served.argmax(1) == expected.argmax(1)).all()
+
+    # the same images as their uint8 samples, normalised by model.py: the same input bits, the same logits
+    from services.runtime.preprocessing import decode_samples
+
+    pixels = np.stack([decode_samples(data).transpose(2, 0, 1) for _, _, data in images.digits_images(40)])
+    assert pixels.dtype == np.uint8 and pixels.shape == batch.shape
+    from_pixels = await asyncio.to_thread(infer, triton_server.url, model, 1, pixels)
+    assert from_pixels.tobytes() == served.tobytes()
+    nothing = {"inputs": []}  # both inputs are optional: a request with neither is refused, saying why
+    url = f"{triton_server.url}/v2/models/{model}/versions/1/infer"
+    refused = await asyncio.to_thread(httpx.post, url, json=nothing, timeout=30)
+    assert refused.status_code == 400, refused.text
 
 
 async def test_a_version_that_fails_is_refused_and_the_old_one_keeps_serving(

@@ -26,9 +26,11 @@ from services.runtime.preprocessing import (
     UnsupportedImageFormat,
     as_float_image,
     decode,
+    decode_samples,
     fit_spec,
     image_stats,
     normalise,
+    normalise_pixels,
     pages_for,
     prepare,
     preprocess,
@@ -177,6 +179,61 @@ def test_pillow_modes_alpha_palette_and_exif_orientation() -> None:
     buf = io.BytesIO()
     Image.fromarray(rgba[:, :, :3].copy(), "RGB").save(buf, format="JPEG", exif=exif.tobytes())
     assert decode(buf.getvalue()).shape == (7, 6, 3)
+
+
+def _encoded(array: np.ndarray, mode: str, fmt: str, **save: Any) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def test_8_bit_pngs_and_jpegs_give_their_samples_which_decode_scales() -> None:
+    rng = np.random.default_rng(11)
+    rgba = rng.integers(0, 256, (9, 9, 4), dtype=np.uint8)
+    eight_bit = [
+        _encoded(rgba[:, :, 0].copy(), "L", "PNG"),
+        _encoded(rgba[:, :, :3].copy(), "RGB", "PNG"),
+        _encoded(rgba, "RGBA", "PNG"),
+        _encoded(rgba[:, :, :2].copy(), "LA", "PNG"),
+        _encoded(rgba[:, :, :3].copy(), "RGB", "JPEG", quality=90),
+        _encoded(rgba[:, :, 0].copy(), "L", "JPEG"),
+    ]
+    palette = Image.fromarray(rgba[:, :, :3].copy(), "RGB").quantize(8)
+    buf = io.BytesIO()
+    palette.save(buf, format="PNG")
+    eight_bit.append(buf.getvalue())
+    for data in eight_bit:
+        samples = decode_samples(data)
+        assert samples.dtype == np.uint8 and samples.ndim == 3
+        assert as_float_image(samples).tobytes() == decode(data).tobytes()  # decode divides them by 255
+    # other depths and TIFFs: decode's floats
+    sixteen = rng.integers(0, 65536, (9, 9), dtype=np.uint16)
+    for data in (_png(sixteen), _tiff(rgba[:, :, :3]), _tiff(sixteen, photometric="minisblack")):
+        samples = decode_samples(data)
+        assert samples.dtype == np.float32 and samples.tobytes() == decode(data).tobytes()
+    with pytest.raises(UnsupportedImageFormat):
+        decode_samples(images.gif())
+
+
+@pytest.mark.parametrize(("channels", "size"), [(1, 9), (3, 9), (3, 224)])
+def test_pixels_normalise_to_the_bits_of_the_float_path(channels: int, size: int) -> None:
+    """What the gateway sends as uint8 ``pixels`` and the model normalises equals, to the bit, what it
+    would have sent as float32 ``image``: ``normalise(prepare(bytes))``."""
+    rng = np.random.default_rng(size + channels)
+    spec = PreprocessSpec(
+        size=size,
+        channels=channels,
+        mean=tuple(rng.uniform(0.1, 0.9, channels)),
+        std=tuple(rng.uniform(0.05, 0.5, channels)),
+    )
+    mode = "L" if channels == 1 else "RGB"
+    shape = (size, size) if channels == 1 else (size, size, 3)
+    encoded = [_encoded(rng.integers(0, 256, shape, dtype=np.uint8), mode, fmt) for fmt in ("PNG", "JPEG")]
+    pixels = np.stack([decode_samples(data).transpose(2, 0, 1) for data in encoded])
+    assert pixels.dtype == np.uint8 and pixels.shape == (2, channels, size, size)
+    ours = normalise_pixels(pixels, spec)
+    for row, data in zip(ours, encoded, strict=True):
+        assert row.dtype == np.float32 and row.tobytes() == preprocess(data, spec).tobytes()
 
 
 @pytest.mark.parametrize(

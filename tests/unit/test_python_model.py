@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from services.runtime.preprocessing import PreprocessSpec, normalise_pixels
 from services.serving.tritonconfig import PYTHON_MODEL
 from services.trainer.export import export_torchscript
 from services.trainer.model import build_model
 
 pytestmark = pytest.mark.unit
+
+PRE = PreprocessSpec(size=16, channels=1, mean=(0.4377,), std=(0.1982,))
 
 
 class Tensor:
@@ -30,8 +33,14 @@ class Tensor:
 
 
 class InferenceResponse:
-    def __init__(self, output_tensors):
+    def __init__(self, output_tensors, error=None):
         self.outputs = {t.name: t.array for t in output_tensors}
+        self.error = error
+
+
+class TritonError:
+    def __init__(self, message):
+        self.message = message
 
 
 @pytest.fixture
@@ -39,7 +48,8 @@ def model_py(monkeypatch, tmp_path):
     utils = types.SimpleNamespace(
         Tensor=Tensor,
         InferenceResponse=InferenceResponse,
-        get_input_tensor_by_name=lambda request, name: request[name],
+        TritonError=TritonError,
+        get_input_tensor_by_name=lambda request, name: request.get(name),  # None when not sent, as Triton's
     )
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
     namespace: dict = {}
@@ -50,8 +60,9 @@ def model_py(monkeypatch, tmp_path):
     export_torchscript(network, np.zeros((2, 1, 16, 16), np.float32), folder / "model.pt")
     spec = {
         "files": {"torchscript": "model.pt"},
-        "inputs": [{"name": "image"}],
+        "inputs": [{"name": "image", "dtype": "float32", "shape": [-1, 1, 16, 16]}],
         "outputs": [{"name": "logits"}, {"name": "embedding"}],
+        "preprocessing": PRE.to_dict(),
     }
     (folder / "serving_spec.json").write_text(json.dumps(spec))
 
@@ -108,6 +119,48 @@ def test_batches_pad_to_a_power_of_two_in_a_reused_buffer(model_py, monkeypatch)
         batch = requests(sizes, seed=n)
         for request, response in zip(batch, model.execute(batch), strict=True):
             assert np.allclose(response.outputs["logits"], expected(network, request)[0], atol=1e-5)
-        buffers.append(model.staging)
+        buffers.append(model.staging[torch.float32])
     assert [s[0] for s in seen] == [1, 8, 4, 8]
     assert [len(b) for b in buffers] == [1, 8, 8, 8] and buffers[1] is buffers[2] is buffers[3]
+
+
+def pixel_requests(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"pixels": Tensor("pixels", rng.integers(0, 256, (n, 1, 16, 16), dtype=np.uint8))} for n in sizes]
+
+
+def as_images(request):
+    """The same request as the gateway's float path sends it (``normalise_pixels``: preprocessing's rules)."""
+    return {"image": Tensor("image", normalise_pixels(request["pixels"].as_numpy(), PRE))}
+
+
+@pytest.mark.parametrize("gpu_path", [False, True])
+def test_pixels_give_the_outputs_of_their_normalised_images_to_the_bit(model_py, monkeypatch, gpu_path):
+    _, _, instance = model_py
+    model = instance(max_batch=8)
+    if gpu_path:  # the pinned uint8 buffer and the normalisation after the copy, on the CPU
+        model.gpu = True
+        monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    for seed, sizes in enumerate(([1], [2, 3], [1, 1, 1])):
+        sent = pixel_requests(sizes, seed=seed)
+        ours = model.execute(sent)
+        theirs = model.execute([as_images(r) for r in sent])
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.error is None and a.outputs["logits"].shape[1] == 10
+            assert a.outputs["logits"].tobytes() == b.outputs["logits"].tobytes()
+            assert a.outputs["embedding"].tobytes() == b.outputs["embedding"].tobytes()
+    if gpu_path:
+        assert set(model.staging) == {torch.uint8, torch.float32}  # one buffer per kind, kept
+
+
+def test_a_batch_of_both_kinds_and_a_request_with_neither(model_py):
+    _, network, instance = model_py
+    model = instance()
+    sent = [*pixel_requests([2], seed=1), {}, *requests([3], seed=2)]
+    pixels_response, empty, image_response = model.execute(sent)
+    same = model.execute([as_images(sent[0]), {}, sent[2]])[0]  # the same batch, all as images
+    assert pixels_response.outputs["logits"].tobytes() == same.outputs["logits"].tobytes()
+    assert np.allclose(image_response.outputs["logits"], expected(network, sent[2])[0], atol=1e-5)
+    assert empty.outputs == {} and "'image' (float32) or 'pixels' (uint8)" in empty.error.message
+    [nothing] = model.execute([{}])
+    assert nothing.error is not None

@@ -36,10 +36,16 @@ def test_each_backend_renders_a_config_tritons_schema_reads(backend):
     config = parsed(render_config("digits", SPEC, [3, 1], options))
     names = served_tensors(backend, SPEC)
     assert (config.name, config.backend, config.max_batch_size) == ("digits", backend, 64)
-    assert [i.name for i in config.input] == [names["image"]]
+    python = backend == "python"
+    assert [i.name for i in config.input] == [names["image"], *(["pixels"] if python else [])]
     assert [o.name for o in config.output] == [names["logits"], names["embedding"]]
-    assert all(t.data_type == model_config_pb2.TYPE_FP32 for t in [*config.input, *config.output])
+    assert all(t.data_type == model_config_pb2.TYPE_FP32 for t in [config.input[0], *config.output])
     assert list(config.input[0].dims) == [-1, -1, -1] and list(config.output[1].dims) == [-1]
+    # the Python backend takes images as float32 or as uint8 pixels: each request sends one of the two
+    assert [i.optional for i in config.input] == ([True, True] if python else [False])
+    if python:
+        assert config.input[1].data_type == model_config_pb2.TYPE_UINT8
+        assert list(config.input[1].dims) == [-1, -1, -1]
     [group] = config.instance_group
     assert (group.kind, group.count) == (model_config_pb2.ModelInstanceGroup.KIND_GPU, 2)
     assert list(config.version_policy.specific.versions) == [1, 3]
@@ -57,12 +63,9 @@ def test_libtorch_names_tensors_by_position_and_the_others_by_name():
         "logits": "logits__0",
         "embedding": "embedding__1",
     }
-    for backend in ("python", "onnxruntime"):
-        assert served_tensors(backend, SPEC) == {
-            "image": "image",
-            "logits": "logits",
-            "embedding": "embedding",
-        }
+    same = {"image": "image", "logits": "logits", "embedding": "embedding"}
+    assert served_tensors("onnxruntime", SPEC) == same
+    assert served_tensors("python", SPEC) == {**same, "pixels": "pixels"}
 
 
 def test_without_dynamic_batching_or_on_the_cpu():

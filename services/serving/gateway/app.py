@@ -1,7 +1,10 @@
 """The inference gateway: FastAPI in front of Triton, routing each request by the model's rollout state.
 
 Imports no torch: images are decoded and preprocessed by ``services/runtime/preprocessing.py`` (numpy and
-Pillow, exactly as in training), then sent to Triton over pooled gRPC channels.
+Pillow, exactly as in training), then sent to Triton over pooled gRPC channels. A request whose images are
+all 8-bit PNGs or JPEGs already the model's size and channels goes as their uint8 samples to a version that
+takes ``pixels`` (the Python backend's ``model.py`` normalises them, to the same bits): a quarter of the
+bytes, and no float conversion here.
 
 ==============================================  =============================================================
 ``POST /v1/models/{model}/feedback``            ``{"prediction_id": ..., "label": "3"}``: the true label of an
@@ -59,8 +62,11 @@ from services.runtime.policy import Policies
 from services.runtime.preprocessing import (
     ImageDecodeError,
     UnsupportedImageFormat,
+    decode_samples,
     image_stats,
     normalise,
+    normalise_pixels,
+    pages_for,
     prepare,
 )
 from services.runtime.s3 import s3_client
@@ -404,7 +410,12 @@ class Gateway:
         self, model: str, version: int, route: Route, spec: ServedSpec, batch: np.ndarray
     ) -> Answer:
         g = self.grpc
-        inputs = [g.InferInput(spec.input, list(batch.shape), "FP32")]
+        if batch.dtype == np.uint8 and spec.pixels:
+            inputs = [g.InferInput(spec.pixels, list(batch.shape), "UINT8")]
+        else:  # a shadow version without ``pixels`` gets the images they stand for
+            if batch.dtype == np.uint8:
+                batch = normalise_pixels(batch, spec.preprocessing)
+            inputs = [g.InferInput(spec.input, list(batch.shape), "FP32")]
         inputs[0].set_data_from_numpy(batch)
         outputs = [g.InferRequestedOutput(spec.logits), g.InferRequestedOutput(spec.embedding)]
         started = time.perf_counter()
@@ -530,16 +541,27 @@ def _failed(
 def _prepare_all(
     images: list[bytes], spec: ServedSpec, keep_prepared: bool
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The model's input batch, decoding each image once; for a sampled request also ``prepare``'s output
-    of each, of which the statistics are taken (as the trainer took the reference profile's)."""
+    """The model's input batch, decoding each image once: N x C x S x S uint8 samples when the version takes
+    ``pixels`` and every image is 8-bit and already S x S x C (``prepare`` would only scale it), else float32
+    images. For a sampled request also what the statistics are taken of: ``prepare``'s output of each (or the
+    samples, which ``image_stats`` scales the same way), as the trainer took the reference profile's."""
     pre = spec.preprocessing
-    batch = np.empty((len(images), pre.channels, pre.size, pre.size), dtype=np.float32)
-    kept = []
+    decoded = []
     for index, image in enumerate(images):
         try:
-            prepared = prepare(image, pre)
+            decoded.append(decode_samples(image, pages=pages_for(pre)))
         except ImageDecodeError as exc:
             raise type(exc)(f"image {index}: {exc}") from exc
+    shape = (pre.size, pre.size, pre.channels)
+    if spec.pixels and all(d.dtype == np.uint8 and d.shape == shape for d in decoded):
+        pixels = np.empty((len(images), pre.channels, pre.size, pre.size), dtype=np.uint8)
+        for row, samples in zip(pixels, decoded, strict=True):
+            row[...] = samples.transpose(2, 0, 1)
+        return pixels, decoded if keep_prepared else []
+    batch = np.empty((len(images), pre.channels, pre.size, pre.size), dtype=np.float32)
+    kept = []
+    for index, samples in enumerate(decoded):
+        prepared = prepare(samples, pre)  # scales the samples as decode would have
         normalise(prepared, pre, out=batch[index])
         if keep_prepared:
             kept.append(prepared)

@@ -38,6 +38,7 @@ class ServedSpec:
     input: str  # the names Triton serves the tensors under (served.json)
     logits: str = "logits"
     embedding: str = "embedding"
+    pixels: str | None = None  # the uint8 input, where the version takes one (the Python backend's model.py)
 
 
 class Followed(LazyBucket, Generic[V]):
@@ -129,6 +130,7 @@ class Catalog:
                 served[doc["inputs"][0]["name"]],
                 served.get("logits", "logits"),
                 served.get("embedding", "embedding"),
+                served.get("pixels"),
             )
             self._specs[(model, version)] = cached
         return cached
