@@ -40,6 +40,7 @@ bench: $(STAMP)  ## print the benchmark figures (one JSON line each)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/transport.py
 	$(BIN)/python bench/monitor.py
 
 # alibi-detect (heavy: transformers, opencv, numba) lives in a venv of its own, used only as the MMD reference.

@@ -50,7 +50,7 @@ from services.runtime.streams import ensure_streams
 from services.serving.repository import ModelRepository
 from services.serving.triton import TritonAdmin
 from services.serving.tritonconfig import TritonOptions
-from services.trainer.export import export_torchscript
+from services.trainer.export import export_torchscript, serving_spec
 from services.trainer.model import Architecture, build_model
 from tests import images
 from tests.servers import NatsServer, free_port, gateway_env, run_nats, run_triton, wait_until_ok
@@ -80,20 +80,17 @@ def export_model(
     export_torchscript(model, x, folder / "model.pt")
     with torch.no_grad():
         embedding = model(torch.from_numpy(x))[1].shape[1]
-    serving_spec = {
-        "format": "torchscript",
-        "files": {"torchscript": "model.pt"},
-        "inputs": [{"name": "image", "dtype": "float32", "shape": [-1, channels, size, size]}],
-        "outputs": [
-            {"name": "logits", "dtype": "float32", "shape": [-1, 10]},
-            {"name": "embedding", "dtype": "float32", "shape": [-1, int(embedding)]},
-        ],
-        "max_batch_size": max_batch,
-        "preprocessing": spec.to_dict(),
-        "labels": [str(i) for i in range(10)],
-    }
-    (folder / "serving_spec.json").write_text(json.dumps(serving_spec))
-    return serving_spec, spec, model
+    labels = [str(i) for i in range(10)]
+    serving = serving_spec(
+        (channels, size, size),
+        labels,
+        int(embedding),
+        onnx=False,
+        max_batch_size=max_batch,
+        preprocessing=spec.to_dict(),
+    )
+    (folder / "serving_spec.json").write_text(json.dumps(serving))
+    return serving, spec, model
 
 
 def write_version(repo_root: Path, model_dir: Path, name: str, options: TritonOptions) -> None:

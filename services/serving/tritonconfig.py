@@ -218,18 +218,10 @@ class TritonPythonModel:
         np.concatenate(batch, out=staging.numpy()[:rows])
         return staging[:padded].to(self.device, non_blocking=True)
 
-    def _images(self, pixels):
-        """uint8 pixels (a tensor on the device) as the model's float32 input."""
-        scale, mean, std = self.unit_on_device
-        x = pixels.to(torch.float32)
-        x /= scale
-        x -= mean
-        x /= std
-        return x
-
-    def _pixels_on_host(self, array):
-        scale, mean, std = self.unit
-        x = array.astype(np.float32)
+    @staticmethod
+    def _normalised(x, unit):
+        """float32 pixels (an array, or a tensor on the batch's device) / 255, - mean, / std, in place."""
+        scale, mean, std = unit
         x /= scale
         x -= mean
         x /= std
@@ -248,13 +240,14 @@ class TritonPythonModel:
         if not batch:
             return [self._missing() for _ in requests]
         if any(pixels) and not all(pixels):  # both kinds in one batch: the pixels become images here
-            batch = [self._pixels_on_host(a) if p else a for a, p in zip(batch, pixels)]
+            unit = self.unit
+            batch = [self._normalised(a.astype(np.float32), unit) if p else a for a, p in zip(batch, pixels)]
         sizes = [b.shape[0] for b in batch]
         rows = sum(sizes)
         with torch.inference_mode():
             x = self._on_device(batch, rows)
             if all(pixels):
-                x = self._images(x)
+                x = self._normalised(x.to(torch.float32), self.unit_on_device)
             if self.half:
                 x = x.half().contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.half()
             results = self.module(x)

@@ -54,9 +54,10 @@ def test_8_bit_images_at_the_models_size_go_as_pixels() -> None:
     ids=["resized", "gray"],
 )
 def test_one_image_that_needs_more_than_scaling_sends_the_request_as_floats(odd_one: bytes) -> None:
-    images = [encoded(16, seed=3), odd_one]
-    batch, _ = _prepare_all(images, WITH_PIXELS, keep_prepared=False)
-    assert batch.dtype == np.float32 and batch.tobytes() == preprocess_batch(images, PRE).tobytes()
+    for images in ([encoded(16, seed=3), encoded(16, seed=4), odd_one], [odd_one, encoded(16, seed=3)]):
+        batch, kept = _prepare_all(images, WITH_PIXELS, keep_prepared=True)
+        assert batch.dtype == np.float32 and batch.tobytes() == preprocess_batch(images, PRE).tobytes()
+        assert [k.dtype for k in kept] == [np.float32] * len(images)
 
 
 def test_a_16_bit_image_goes_as_floats_and_a_bad_one_names_its_index() -> None:

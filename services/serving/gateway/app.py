@@ -544,28 +544,43 @@ def _prepare_all(
     """The model's input batch, decoding each image once: N x C x S x S uint8 samples when the version takes
     ``pixels`` and every image is 8-bit and already S x S x C (``prepare`` would only scale it), else float32
     images. For a sampled request also what the statistics are taken of: ``prepare``'s output of each (or the
-    samples, which ``image_stats`` scales the same way), as the trainer took the reference profile's."""
+    samples, which ``image_stats`` scales the same way), as the trainer took the reference profile's.
+
+    Only images of the model's size are held while the request may still go as pixels: the first one that
+    needs more turns those into images, and each later image is prepared as it is decoded (a batch of large
+    photos never holds more than one of them decoded)."""
     pre = spec.preprocessing
-    decoded = []
-    for index, image in enumerate(images):
-        try:
-            decoded.append(decode_samples(image, pages=pages_for(pre)))
-        except ImageDecodeError as exc:
-            raise type(exc)(f"image {index}: {exc}") from exc
     shape = (pre.size, pre.size, pre.channels)
-    if spec.pixels and all(d.dtype == np.uint8 and d.shape == shape for d in decoded):
-        pixels = np.empty((len(images), pre.channels, pre.size, pre.size), dtype=np.uint8)
-        for row, samples in zip(pixels, decoded, strict=True):
-            row[...] = samples.transpose(2, 0, 1)
-        return pixels, decoded if keep_prepared else []
-    batch = np.empty((len(images), pre.channels, pre.size, pre.size), dtype=np.float32)
-    kept = []
-    for index, samples in enumerate(decoded):
-        prepared = prepare(samples, pre)  # scales the samples as decode would have
-        normalise(prepared, pre, out=batch[index])
+    samples: list[np.ndarray] = []  # while every image so far can go as pixels
+    batch: np.ndarray | None = None  # float32 images, from the first image that cannot
+    kept: list[np.ndarray] = []
+
+    def add(row: int, decoded: np.ndarray) -> None:
+        assert batch is not None
+        prepared = prepare(decoded, pre)  # scales the samples as decode would have
+        normalise(prepared, pre, out=batch[row])
         if keep_prepared:
             kept.append(prepared)
-    return batch, kept
+
+    for index, image in enumerate(images):
+        try:
+            decoded = decode_samples(image, pages=pages_for(pre))
+        except ImageDecodeError as exc:
+            raise type(exc)(f"image {index}: {exc}") from exc
+        if batch is None and spec.pixels and decoded.dtype == np.uint8 and decoded.shape == shape:
+            samples.append(decoded)
+            continue
+        if batch is None:
+            batch = np.empty((len(images), pre.channels, pre.size, pre.size), dtype=np.float32)
+            for row, earlier in enumerate(samples):
+                add(row, earlier)
+        add(index, decoded)
+    if batch is not None:
+        return batch, kept
+    pixels = np.empty((len(images), pre.channels, pre.size, pre.size), dtype=np.uint8)
+    for row, decoded in zip(pixels, samples, strict=True):
+        row[...] = decoded.transpose(2, 0, 1)
+    return pixels, samples if keep_prepared else []
 
 
 def _stats(prepared: list[np.ndarray]) -> list[ImageStats]:
