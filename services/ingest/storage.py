@@ -12,6 +12,7 @@ import io
 import json
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
@@ -45,21 +46,33 @@ def copy_hashing(chunks: Iterable[bytes], dest: Path, max_bytes: int) -> tuple[s
     """Write ``chunks`` to ``dest`` and return (md5, size): the one pass that hashes a file during ingest.
 
     The write of one chunk overlaps the hashing of the next (both release the GIL), so a large file costs
-    about the slower of the two rather than their sum (bench/ingest.py measures it against md5sum).
+    about the slower of the two rather than their sum (bench/ingest.py measures it against md5sum). A file of
+    one chunk (most images) is written without the writer thread, whose start costs more than its write.
     """
     md5, size = hashlib.md5(usedforsecurity=False), 0
-    with dest.open("wb") as out, ThreadPoolExecutor(1) as writer:
+    with dest.open("wb") as out, ExitStack() as stack:
+        first: bytes | None = None  # held until a second chunk shows the file needs the writer thread
+        writer: ThreadPoolExecutor | None = None
         pending: Future[int] | None = None
         for chunk in chunks:
             size += len(chunk)
             if size > max_bytes:
                 raise TooLarge(size, max_bytes)
+            if writer is None:
+                if first is None:
+                    first = chunk
+                    md5.update(chunk)
+                    continue
+                writer = stack.enter_context(ThreadPoolExecutor(1))
+                pending, first = writer.submit(out.write, first), None
             if pending is not None:
                 pending.result()
             pending = writer.submit(out.write, chunk)
             md5.update(chunk)
         if pending is not None:
             pending.result()
+        if first is not None:
+            out.write(first)
     return md5.hexdigest(), size
 
 

@@ -21,7 +21,7 @@ from services.ingest.known import KnownObject
 from services.ingest.manifest import Manifest, assign_split
 from services.ingest.poller import Poller
 from services.ingest.records import ObjectChange
-from services.ingest.storage import CHUNK, Listed, copy_hashing
+from services.ingest.storage import CHUNK, Listed, TooLarge, copy_hashing
 from services.ingest.validation import Limits
 from services.ingest.versioning import Ingestor
 from tests import images
@@ -656,3 +656,16 @@ async def test_recover_with_nothing_to_do_sends_nothing(world: World) -> None:
     await world.ingestor.process(batch(world.upload(DIGITS[:3], "cells")))
     assert await world.ingestor.recover() == []
     assert len(world.bus.versioned) == 2
+
+
+@pytest.mark.parametrize("chunks", [0, 1, 2, 5])
+def test_copy_hashing_writes_and_hashes_files_of_any_number_of_chunks(tmp_path: Path, chunks: int) -> None:
+    """One chunk is written without the writer thread, more with it: the same bytes and md5 either way."""
+    data = bytes(range(256)) * (chunks * 1000)
+    parts = [data[i * 256_000 : (i + 1) * 256_000] for i in range(chunks)]
+    dest = tmp_path / "copy"
+    assert copy_hashing(iter(parts), dest, len(data)) == (md5_of(data), len(data))
+    assert dest.read_bytes() == data
+    if chunks:
+        with pytest.raises(TooLarge):
+            copy_hashing(iter(parts), tmp_path / "small", len(data) - 1)
