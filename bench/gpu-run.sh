@@ -2,7 +2,8 @@
 # On the lent GPU machine (run there with carry [".gpu"], after bench/gpu-carry.sh here): unpacks what .gpu/
 # carries into a venv of its own, then runs the serving part of bench/gpu.py and its training part. Each part's JSON
 # line and log land in $OUT (or /tmp/gpu-out). Arguments go to `bench/gpu.py serve`, $TRAIN_ARGS to its
-# training part; GPU_PARTS=serve (or train) runs one part only.
+# training part; GPU_PARTS=serve (or train) runs one part only, GPU_PARTS="transport serve" adds
+# bench/transport.py (Triton's Python backend on the GPU, float32 image against uint8 pixels).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-out}
@@ -40,4 +41,11 @@ if [[ " ${GPU_PARTS:-serve train} " == *" train "* ]]; then
   echo "train: exit $?"
   tail -n 1 "$out/train.out"
   tail -n 3 "$out/train.log"
+fi
+if [[ " ${GPU_PARTS:-serve train} " == *" transport "* ]]; then  # not by default: GPU_PARTS="transport serve"
+  timeout 200 python3 bench/transport.py --device cuda --clients 128 --processes 8 \
+    > "$out/transport.out" 2> "$out/transport.log"
+  echo "transport: exit $?"
+  tail -n 1 "$out/transport.out"
+  tail -n 3 "$out/transport.log"
 fi
