@@ -147,6 +147,12 @@ async def test_a_promoted_version_serves_what_the_torchscript_computes(world, tr
     assert pixels.dtype == np.uint8 and pixels.shape == batch.shape
     from_pixels = await asyncio.to_thread(infer, triton_server.url, model, 1, pixels)
     assert from_pixels.tobytes() == served.tobytes()
+    # one image per request, the two kinds at once: the dynamic batcher may put both in one batch
+    singles = [batch[i : i + 1] if i % 2 else pixels[i : i + 1] for i in range(len(batch))]
+    answers = await asyncio.gather(
+        *(asyncio.to_thread(infer, triton_server.url, model, 1, x) for x in singles)
+    )
+    np.testing.assert_allclose(np.concatenate(answers), expected, atol=1e-4)
     nothing = {"inputs": []}  # both inputs are optional: a request with neither is refused, saying why
     url = f"{triton_server.url}/v2/models/{model}/versions/1/infer"
     refused = await asyncio.to_thread(httpx.post, url, json=nothing, timeout=30)
