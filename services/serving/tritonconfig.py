@@ -228,17 +228,15 @@ class TritonPythonModel:
         return x
 
     def execute(self, requests):
-        batch, pixels, missing = [], [], set()
-        for index, request in enumerate(requests):
+        # each request holds image or pixels (Triton refuses a request without inputs); image when both
+        batch, pixels = [], []
+        for request in requests:
             tensor = pb_utils.get_input_tensor_by_name(request, self.input)
-            sent = None if tensor is not None else pb_utils.get_input_tensor_by_name(request, PIXELS)
-            if tensor is None and sent is None:
-                missing.add(index)
-                continue
-            batch.append((tensor if sent is None else sent).as_numpy())
-            pixels.append(sent is not None)
-        if not batch:
-            return [self._missing() for _ in requests]
+            sent = tensor is None
+            if sent:
+                tensor = pb_utils.get_input_tensor_by_name(request, PIXELS)
+            batch.append(tensor.as_numpy())
+            pixels.append(sent)
         if any(pixels) and not all(pixels):  # both kinds in one batch: the pixels become images here
             unit = self.unit
             batch = [self._normalised(a.astype(np.float32), unit) if p else a for a, p in zip(batch, pixels)]
@@ -254,19 +252,11 @@ class TritonPythonModel:
         if isinstance(results, torch.Tensor):
             results = (results,)
         arrays = [r[:rows].float().cpu().numpy() for r in results]
-        responses, start, sized = [], 0, iter(sizes)
-        for index in range(len(requests)):
-            if index in missing:
-                responses.append(self._missing())
-                continue
-            size = next(sized)
+        responses, start = [], 0
+        for size in sizes:
             tensors = [pb_utils.Tensor(n, a[start : start + size]) for n, a in zip(self.outputs, arrays)]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses
-
-    def _missing(self):
-        error = pb_utils.TritonError(f"send the images as {self.input!r} (float32) or {PIXELS!r} (uint8)")
-        return pb_utils.InferenceResponse(output_tensors=[], error=error)
 '''
 """The ``model.py`` of the Python backend, written into each version folder."""

@@ -153,7 +153,7 @@ async def test_a_promoted_version_serves_what_the_torchscript_computes(world, tr
         *(asyncio.to_thread(infer, triton_server.url, model, 1, x) for x in singles)
     )
     np.testing.assert_allclose(np.concatenate(answers), expected, atol=1e-4)
-    nothing = {"inputs": []}  # both inputs are optional: a request with neither is refused, saying why
+    nothing = {"inputs": []}  # both inputs are optional, yet Triton refuses a request with neither
     url = f"{triton_server.url}/v2/models/{model}/versions/1/infer"
     refused = await asyncio.to_thread(httpx.post, url, json=nothing, timeout=30)
     assert refused.status_code == 400, refused.text
