@@ -238,7 +238,7 @@ def decode(
     for anything that is not a decodable image; a missing file raises ``FileNotFoundError``.
     """
     samples = decode_samples(data, pages=pages, max_pixels=max_pixels)
-    return _to_unit(samples, None) if samples.dtype == np.uint8 else samples
+    return _scaled(samples)
 
 
 def decode_samples(
@@ -359,7 +359,7 @@ def _decode_pillow(content: bytes, fmt: str, max_pixels: int) -> np.ndarray[Any,
 def _pillow_pixels(image: Image.Image) -> FloatArray:
     """A loaded Pillow image as H x W x C float32 in [0, 1] (alpha dropped, colour modes as RGB)."""
     samples = _pillow_samples(image)
-    return _to_unit(samples, None) if samples.dtype == np.uint8 else samples
+    return _scaled(samples)
 
 
 def _pillow_samples(image: Image.Image) -> np.ndarray[Any, Any]:
@@ -387,6 +387,11 @@ def _pillow_samples(image: Image.Image) -> np.ndarray[Any, Any]:
     if array.dtype == np.uint8:  # top is None: 8-bit samples are divided by 255
         return array if array.ndim == 3 else array[:, :, None]
     return _to_unit(array, top)
+
+
+def _scaled(samples: np.ndarray[Any, Any]) -> FloatArray:
+    """``decode_samples``' result as ``decode`` gives it: 8-bit samples / 255, floats as they are."""
+    return _to_unit(samples, None) if samples.dtype == np.uint8 else samples
 
 
 def _to_unit(array: np.ndarray[Any, Any], top: float | None) -> FloatArray:
