@@ -17,7 +17,7 @@ from typing import Any
 
 from contracts.names import SERVICE_PUBLISHES, SERVICES, Subjects
 
-__all__ = ["ADMIN_USER", "JS_API_DENIED", "NatsConfig", "service_permissions"]
+__all__ = ["ADMIN_USER", "JS_API_DENIED", "NatsConfig", "render_server_config", "service_permissions"]
 
 ADMIN_USER = "admin"
 
@@ -101,26 +101,22 @@ class NatsConfig:
         return f"nats://{self.host}:{self.port}"
 
     def render(self) -> str:
-        users: list[dict[str, Any]] = [{"user": ADMIN_USER, "password": self.passwords[ADMIN_USER]}]
+        users: list[tuple[str, str, dict[str, Any] | None]] = [
+            (ADMIN_USER, json.dumps(self.passwords[ADMIN_USER]), None)
+        ]
         users += [
-            {
-                "user": service,
-                "password": self.passwords[service],
-                "permissions": service_permissions(service, self.subjects, any_prefix=self.any_prefix),
-            }
+            (
+                service,
+                json.dumps(self.passwords[service]),
+                service_permissions(service, self.subjects, any_prefix=self.any_prefix),
+            )
             for service in SERVICES
         ]
-        # nats-server's config format accepts JSON values, so json.dumps quotes everything safely.
-        return "\n".join(
-            [
-                f"listen: {json.dumps(f'{self.host}:{self.port}')}",
-                f"http: {json.dumps(f'{self.host}:{self.http_port}')}",
-                'server_name: "conveyor"',
-                "max_payload: 8MB",
-                f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}",
-                f"authorization {{ users: {json.dumps(users, indent=2)} }}",
-                "",
-            ]
+        return render_server_config(
+            listen=f"{self.host}:{self.port}",
+            http=f"{self.host}:{self.http_port}",
+            store_dir=str(self.store_dir),
+            users=users,
         )
 
     def write(self, path: Path) -> Path:
@@ -128,3 +124,36 @@ class NatsConfig:
         path.write_text(self.render())
         path.chmod(0o600)
         return path
+
+
+def render_server_config(
+    *, listen: str, http: str, store_dir: str | None, users: list[tuple[str, str, dict[str, Any] | None]]
+) -> str:
+    """A nats-server config with JetStream and these ``(user, password, permissions)`` users.
+
+    ``store_dir`` None leaves JetStream's folder to the command line (``-sd``; nats-server refuses both).
+    ``password`` is written as given: a JSON string literal, or an unquoted ``$VARIABLE`` that nats-server
+    resolves from its environment (deploy/compose). nats-server's format accepts JSON values, so
+    ``json.dumps`` quotes everything else safely.
+    """
+    entries = []
+    for user, password, permissions in users:
+        fields = [f"user: {json.dumps(user)}", f"password: {password}"]
+        if permissions is not None:
+            fields.append(f"permissions: {json.dumps(permissions, indent=2)}")
+        entries.append("  {\n" + "\n".join("    " + f.replace("\n", "\n    ") for f in fields) + "\n  }")
+    return "\n".join(
+        [
+            f"listen: {json.dumps(listen)}",
+            f"http: {json.dumps(http)}",
+            'server_name: "conveyor"',
+            "max_payload: 8MB",
+            f"jetstream {{ store_dir: {json.dumps(store_dir)} }}" if store_dir else "jetstream: enabled",
+            "authorization {",
+            "users: [",
+            ",\n".join(entries),
+            "]",
+            "}",
+            "",
+        ]
+    )

@@ -32,7 +32,8 @@ def setup_repo(workdir: Path, git_remote: str, s3: S3Remote) -> None:
     if not s3.url:
         raise ValueError("the DVC remote needs a URL (s3://<bucket>/<path>) in S3Remote.url")
     remote = local_path(git_remote)
-    if remote is not None and not remote.exists():
+    # An empty folder is a fresh volume mounted where the remote goes (deploy/compose): initialise it too.
+    if remote is not None and (not remote.exists() or not any(remote.iterdir())):
         remote.parent.mkdir(parents=True, exist_ok=True)
         git(None, "init", "--quiet", "--bare", "--initial-branch", BRANCH, str(remote))
     if not (workdir / ".git").is_dir():

@@ -6,6 +6,7 @@ to start unless every secret is set and none is a local default.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -14,10 +15,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.names import Subjects, validate_prefix
 
-__all__ = ["LOCAL_DEFAULT_SECRETS", "Settings"]
+__all__ = ["LOCAL_DEFAULT_SECRETS", "NATS_SAFE_PASSWORD", "Settings"]
 
-# Defaults that are fine on a laptop and refused in production.
-LOCAL_DEFAULT_SECRETS = {"conveyor-local", "conveyor-local-secret", "conveyor-admin"}
+# Defaults that are fine on a laptop and refused in production, as is
+# deploy/compose/.env.example's placeholder.
+LOCAL_DEFAULT_SECRETS = {"conveyor-local", "conveyor-local-secret", "conveyor-admin", "change-me"}
+NATS_SAFE_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9_-]{15,}")
 
 
 class Settings(BaseSettings):
@@ -50,6 +53,9 @@ class Settings(BaseSettings):
     trace_sample_rate: float = Field(1.0, ge=0, le=1, description="fraction of new traces recorded")
     log_level: str = "INFO"
     http_port: int = Field(0, description="health, readiness and /metrics; 0 picks a free port")
+    http_host: str = Field(
+        "127.0.0.1", description="interface the HTTP endpoints listen on (0.0.0.0 in a container)"
+    )
 
     inference_max_bytes: int = Field(
         2 * 1024**3, ge=1024**2, description="size limit of the inference stream (JetStream reserves it)"
@@ -80,6 +86,13 @@ class Settings(BaseSettings):
                 problems.append(f"{env} must be set to a real secret in production mode")
         if self.s3_access_key in LOCAL_DEFAULT_SECRETS:
             problems.append("CONVEYOR_S3_ACCESS_KEY must be set in production mode")
+        password = self.nats_password.get_secret_value() if self.nats_password else None
+        if password is not None and not NATS_SAFE_PASSWORD.fullmatch(password):
+            problems.append(
+                "CONVEYOR_NATS_PASSWORD must start with a letter and hold 16 or more letters, digits, '-' "
+                "or '_': deploy/compose's nats-server reads the same password from its environment and "
+                "parses other values as numbers, dates or booleans (then nobody can log in)"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -34,9 +34,25 @@ def test_production_mode_refuses_default_secrets():
         s3_access_key="prod-key",
         s3_secret_key="a-real-secret",
         admin_token="another-real-secret",
-        nats_password="nats-secret",
+        nats_password="nats-secret-of-16-or-more",
     )
     assert ok.mode == "production"
+
+
+@pytest.mark.parametrize(
+    "password", ["0-123456789abcdef0", "1234567890123456789", "short", "has space in it ok"]
+)
+def test_production_refuses_nats_passwords_that_nats_server_would_misread(password):
+    # deploy/compose's nats-server takes the password from its environment and parses it as a value.
+    with pytest.raises(ValidationError, match="CONVEYOR_NATS_PASSWORD must start with a letter"):
+        Settings(
+            mode="production",
+            s3_access_key="prod-key",
+            s3_secret_key="a-real-secret",
+            admin_token="another-real-secret",
+            nats_password=password,
+        )
+    assert Settings(nats_password=password).nats_password is not None  # local mode quotes it in its config
 
 
 def test_local_mode_accepts_defaults_and_reads_the_environment(monkeypatch):

@@ -23,7 +23,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 uvicorn.run(
     "services.serving.gateway.app:create_app",
     factory=True,
-    host="127.0.0.1",
+    host=settings.http_host,
     port=settings.port,
     workers=settings.gateway_workers,
     http=NoDelayHttpToolsProtocol,  # TCP_NODELAY also when the socket is shared with the workers

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
 
-from services.runtime.config import Settings
+from services.runtime.config import LOCAL_DEFAULT_SECRETS, Settings
 
 __all__ = ["GatewaySettings"]
 
@@ -53,6 +53,10 @@ class GatewaySettings(Settings):
 
     @model_validator(mode="after")
     def _keys_in_production(self) -> GatewaySettings:
-        if self.mode == "production" and not self.gateway_api_keys:
+        if self.mode != "production":
+            return self
+        if not self.gateway_api_keys:
             raise ValueError("CONVEYOR_GATEWAY_API_KEYS must list at least one key in production mode")
+        if any(key.get_secret_value() in LOCAL_DEFAULT_SECRETS for key in self.gateway_api_keys):
+            raise ValueError("CONVEYOR_GATEWAY_API_KEYS holds a placeholder key: replace it with a real one")
         return self
