@@ -193,7 +193,7 @@ def test_services_share_the_volumes_their_paths_name(monkeypatch):
     # dataset.versioned carries this URL: the trainer and the registry clone from the same path.
     remote = ingest.ingest_git_remote.removeprefix("file://")
     data = _mounts("ingest")[remote]
-    for reader in ("trainer", "registry"):
+    for reader in ("trainer", "registry", "cli"):
         assert _mounts(reader)[remote] == data
     state = {_mounts(name)["/var/lib/conveyor"] for name in SETTINGS.keys() - {"cli"}}
     assert len(state) == len(SETTINGS) - 1, "each service keeps its state in a volume of its own"
