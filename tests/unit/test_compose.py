@@ -223,3 +223,27 @@ def test_the_cpu_override_changes_only_what_exists():
         for key in service.get("environment", {}):
             assert key.removeprefix("CONVEYOR_").lower() in SETTINGS[name].model_fields, (name, key)
     assert "!reset" in (compose.COMPOSE_DIR / "compose.cpu.yml").read_text()
+
+
+def test_a_generated_env_file_is_accepted_by_every_service(monkeypatch, tmp_path):
+    from deploy.compose import envfile
+    from services.runtime.config import NATS_SAFE_PASSWORD
+
+    text = envfile.render()
+    pairs = [line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#")]
+    variables = dict(pairs)
+    assert envfile.PLACEHOLDER not in "".join(variables.values())
+    assert compose.required_variables(TEXT) <= set(variables)
+    assert all(NATS_SAFE_PASSWORD.fullmatch(v) for k, v in variables.items() if k.startswith("NATS_"))
+    passwords = [v for k, v in variables.items() if "PASSWORD" in k]
+    assert len(set(passwords)) == len(passwords), "each secret its own"
+    for service in SETTINGS:
+        settings: Any = settings_of(service, variables, monkeypatch)
+        assert settings.mode == "production"
+    target = tmp_path / ".env"
+    envfile.main(["--output", str(target)])
+    assert target.stat().st_mode & 0o777 == 0o600
+    first = target.read_text()
+    with pytest.raises(SystemExit, match="exists already"):
+        envfile.main(["--output", str(target)])
+    assert target.read_text() == first
