@@ -3,7 +3,8 @@
 - nats-server runs ``deploy/compose/nats.conf`` as committed, its passwords from the environment as in the
   container; the real ingest service, configured from compose.yml's ingest environment (only hosts, buckets
   and folders changed for this machine), versions an upload announced by MinIO's notification JSON that the
-  ``minio`` user publishes through JetStream, as MinIO does; the users hold exactly their rights.
+  ``minio`` user publishes through JetStream, as MinIO does; the users hold exactly their rights; the
+  monitor and the gateway, run with compose's command and environment, pass compose's own health checks.
 - MLflow runs with compose.yml's command and environment on PostgreSQL (the pre-started server here; the
   test is skipped, saying so, where none is reachable), and the trainer's and the registry's MLflow adapters
   work against it as they do on sqlite.
@@ -15,6 +16,9 @@ import asyncio
 import io
 import os
 import secrets
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ import pytest
 from contracts.events import DatasetVersioned
 from contracts.kv import RolloutPolicy
 from contracts.names import SERVICES, Subjects
+from deploy.compose import envfile
 from deploy.compose.natsconf import NOTIFIER_USER, password_variable
 from deploy.local.natsconf import ADMIN_USER
 from deploy.local.parts import HealthCheck, Part, find_binary, free_port
@@ -82,14 +87,11 @@ def production_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produc
 
 
 def compose_variables(nats_passwords: dict[str, str], s3: S3Server) -> dict[str, str]:
-    """A filled-in .env for this machine: the S3 keys are the test server's."""
-    variables = {password_variable(user): password for user, password in nats_passwords.items()}
-    return variables | {
-        "MINIO_ROOT_USER": s3.access_key,
-        "MINIO_ROOT_PASSWORD": s3.secret_key,
-        "CONVEYOR_ADMIN_TOKEN": secrets.token_hex(12),
-        "POSTGRES_PASSWORD": "unused",
-    }
+    """A .env as ``deploy.compose.envfile`` writes it, with this machine's NATS passwords and S3 keys."""
+    lines = envfile.render().splitlines()
+    variables = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    variables |= {password_variable(user): password for user, password in nats_passwords.items()}
+    return variables | {"MINIO_ROOT_USER": s3.access_key, "MINIO_ROOT_PASSWORD": s3.secret_key}
 
 
 @pytest.fixture
@@ -197,6 +199,47 @@ async def test_each_user_holds_exactly_its_rights(production_nats):
     await admin.close()
     with pytest.raises(nats.errors.Error):
         await nats.connect(production_nats.url, user="trainer", password="wrong", allow_reconnect=False)
+
+
+@pytest.mark.parametrize("service", ["monitor", "gateway"])
+def test_a_service_started_as_compose_starts_it_passes_compose_health_check(
+    service, production_nats, s3_server, tmp_path
+):
+    """compose.yml's command and environment (hosts, folders and the port changed for this machine; one
+    gateway worker on 2 cores); then compose's own health-check command, run as Docker would run it."""
+    spec = compose.load()["services"][service]
+    env = compose.environment(service, compose_variables(production_nats.passwords, s3_server))
+    port = free_port()
+    env |= {
+        "CONVEYOR_STATE_DIR": str(tmp_path / "state"),
+        "CONVEYOR_NATS_URL": production_nats.url,
+        "CONVEYOR_S3_ENDPOINT": s3_server.endpoint,
+        "CONVEYOR_HTTP_PORT": str(port),
+        "CONVEYOR_SERVING_MODEL_REPOSITORY": str(tmp_path / "models"),
+        "CONVEYOR_GATEWAY_WORKERS": "1",
+    }
+    del env["CONVEYOR_OTLP_ENDPOINT"]  # no collector here
+    assert env["CONVEYOR_HTTP_HOST"] == "0.0.0.0"
+    (tmp_path / "models").mkdir()
+    check = [sys.executable if a == "python" else a for a in spec["healthcheck"]["test"][1:]]
+    check = [a.replace(f":{spec['environment']['CONVEYOR_HTTP_PORT']}/", f":{port}/") for a in check]
+    argv = [sys.executable if a == "python" else a for a in spec["command"]]
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CONVEYOR_", "MLFLOW_", "AWS_"))}
+    log = tmp_path / f"{service}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, env=base | env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            if subprocess.run(check, env=base, capture_output=True, timeout=10).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"{service} never passed its health check:\n{log.read_text()[-3000:]}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode in (0, -15), log.read_text()[-3000:]  # SIGTERM drains and exits
 
 
 @pytest.fixture(scope="module")
