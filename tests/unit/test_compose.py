@@ -247,3 +247,13 @@ def test_a_generated_env_file_is_accepted_by_every_service(monkeypatch, tmp_path
     with pytest.raises(SystemExit, match="exists already"):
         envfile.main(["--output", str(target)])
     assert target.read_text() == first
+
+
+def test_every_service_of_the_conveyor_image_builds_it():
+    image = SERVICES["ingest"]["image"]
+    users = [name for name, service in SERVICES.items() if service["image"] == image]
+    assert {*SETTINGS, "mlflow"} <= set(users)
+    build = {"context": "../..", "dockerfile": "deploy/compose/Dockerfile"}
+    for name in users:  # else compose may try to pull it for the first of them to start
+        assert SERVICES[name]["build"] == build, name
+    assert (compose.COMPOSE_DIR / SERVICES["ingest"]["build"]["context"] / "pyproject.toml").is_file()
