@@ -257,3 +257,11 @@ def test_every_service_of_the_conveyor_image_builds_it():
     for name in users:  # else compose may try to pull it for the first of them to start
         assert SERVICES[name]["build"] == build, name
     assert (compose.COMPOSE_DIR / SERVICES["ingest"]["build"]["context"] / "pyproject.toml").is_file()
+
+
+def test_the_image_never_takes_the_install_secrets_or_local_state():
+    ignored = (compose.COMPOSE_DIR.parent.parent / ".dockerignore").read_text().split()
+    for path in ("deploy/compose/.env", "deploy/compose/uploads", ".venv", ".conveyor", ".git"):
+        assert path in ignored, f"{path} would be sent to the image build"
+    copied = re.findall(r"^COPY (.+) \S+$", (compose.COMPOSE_DIR / "Dockerfile").read_text(), re.M)
+    assert copied == ["pyproject.toml README.md", "contracts", "services", "deploy"]
