@@ -29,6 +29,7 @@ beside torch; on the lent GPU machine they travel packed: ``bench/gpu-carry.sh``
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import pickle
@@ -63,6 +64,7 @@ async def _clients(spec: dict[str, Any]) -> dict[str, Any]:
     start, end = spec["start"], spec["end"]
     latencies: list[float] = []
     errors: list[str] = []
+    shared: Any = None
     if spec["kind"] == "triton":
         import tritonclient.grpc.aio as grpcclient
 
@@ -70,11 +72,24 @@ async def _clients(spec: dict[str, Any]) -> dict[str, Any]:
         name = spec["input"]
         tensors, datatype = payloads[name], "UINT8" if name == "pixels" else "FP32"
 
+        per_request = spec.get("per_request", 1)
+        if spec.get("transport") == "shm":  # the gateway's own regions (services/serving/gateway/shm.py)
+            from services.serving.gateway.shm import SharedInputs
+
+            shared = SharedInputs(client, 1024**3, 30.0)
+
         async def call(i: int) -> None:
-            x = tensors[i % len(tensors)][None]
+            x = np.take(tensors, range(i, i + per_request), axis=0, mode="wrap")
             inputs = [grpcclient.InferInput(name, list(x.shape), datatype)]
-            inputs[0].set_data_from_numpy(x)
+            region = await shared.take(x.nbytes) if shared else None
+            if region is not None:
+                region.write(x)
+                inputs[0].set_shared_memory(region.name, x.nbytes)
+            else:
+                inputs[0].set_data_from_numpy(x)
             await client.infer(spec["model"], inputs, model_version="1")
+            if region is not None and shared is not None:
+                shared.give(region)
     else:
         from lean import LeanHttp
 
@@ -102,6 +117,10 @@ async def _clients(spec: dict[str, Any]) -> dict[str, Any]:
             i += spec["concurrency"]
 
     await asyncio.gather(*(loop(n + spec["offset"]) for n in range(spec["concurrency"])))
+    if spec["kind"] == "triton" and shared is not None:
+        if not shared.enabled:
+            errors.append("Triton refused the shared-memory regions: the leg sent bytes")
+        await shared.stop()
     return {"latencies": latencies, "errors": errors[:5], "error_count": len(errors)}
 
 
@@ -113,9 +132,11 @@ def load(
     args: Any,
     server_pids: list[int] | None = None,
     input_name: str = "image",
+    transport: str = "bytes",
 ) -> dict[str, Any]:
     """``args.clients`` concurrent clients in ``args.processes`` processes against ``target`` (Triton's
-    gRPC address, sending ``input_name``, or the gateway's port): requests/s, p50/p99 ms and errors over
+    gRPC address, sending ``input_name`` as gRPC bytes or, with ``transport="shm"``, through system shared
+    memory; or the gateway's port): requests/s, p50/p99 ms and errors over
     ``args.seconds`` after ``args.warmup`` seconds; with ``server_pids``, their CPU time per request in that
     window."""
     from lean import cpu_seconds
@@ -126,10 +147,12 @@ def load(
         {
             "kind": kind,
             "input": input_name,
+            "transport": transport,
             "target": target,
             "model": model,
             "payloads": str(payloads),
             "concurrency": per,
+            "per_request": getattr(args, "per_request", 1),
             "offset": p * per,
             "start": start,
             "end": start + args.seconds,
@@ -301,27 +324,32 @@ async def serve_bench(args: Any) -> dict[str, Any]:
             served: dict[str, Any] = {}
             sent = {"image": x, "pixels": pixels}
             for label, options in configs.items():
-                for input_name in args.inputs:
-                    leg: dict[str, Any] = {"options": options.__dict__, "input": input_name}
+                for input_name, transport in itertools.product(args.inputs, args.transports):
+                    leg: dict[str, Any] = {
+                        "options": options.__dict__,
+                        "input": input_name,
+                        "transport": transport,
+                    }
                     try:
                         leg["answers"] = await check_answers(
                             triton.grpc_url, names[label], sent[input_name][:8], expected
                         )
-                        progress(f"served {label} ({input_name}): {args.clients} clients")
-                        leg |= load("triton", triton.grpc_url, names[label], payloads, args, None, input_name)
+                        progress(f"served {label} ({input_name}, {transport}): {args.clients} clients")
+                        url, name = triton.grpc_url, names[label]
+                        leg |= load("triton", url, name, payloads, args, None, input_name, transport)
                         baseline = raw[options.gpu_precision if gpu else "fp32"]  # precision: GPU only
                         leg["over_raw_torch"] = round(leg["rps"] / baseline, 3)
                     except Exception as exc:  # reported; the other configs run
                         leg["failed"] = f"{type(exc).__name__}: {exc}"
-                    served[f"{label}-{input_name}"] = leg
-                    print(json.dumps({f"{label}-{input_name}": leg}), file=sys.stderr, flush=True)
+                    served[f"{label}-{input_name}-{transport}"] = leg
+                    print(json.dumps({f"{label}-{input_name}-{transport}": leg}), file=sys.stderr, flush=True)
             results["served"] = served
             ok = {k: v for k, v in served.items() if "rps" in v}
             if not ok or args.gateway_workers == 0:
                 return results
             # the gateway sends pixels (its JPEGs are 8-bit and the model's size): the best config for those
             legs = {k: v for k, v in ok.items() if v["input"] == "pixels"} or ok
-            best = max(legs, key=lambda k: legs[k]["rps"]).rsplit("-", 1)[0]
+            best = max(legs, key=lambda k: legs[k]["rps"]).rsplit("-", 2)[0]
             direct_input = "pixels" if "pixels" in args.inputs else "image"
             await route(nats_server, [names[best]])
             port = free_port()
@@ -338,7 +366,12 @@ async def serve_bench(args: Any) -> dict[str, Any]:
                     await wait_until_ok(http, "/readyz", seconds=60, alive=lambda: gateway.poll() is None)
                 workers = children(gateway.pid) or [gateway.pid]  # one worker: uvicorn runs it in-process
                 progress(f"direct Triton on {best} again, then the gateway: {args.clients} clients")
-                direct = load("triton", triton.grpc_url, names[best], payloads, args, None, direct_input)
+                direct = {
+                    transport: load(
+                        "triton", triton.grpc_url, names[best], payloads, args, None, direct_input, transport
+                    )
+                    for transport in args.transports
+                }
                 through = load("gateway", str(port), names[best], payloads, args, workers)
                 results["gateway"] = {
                     "config": best,
@@ -347,7 +380,10 @@ async def serve_bench(args: Any) -> dict[str, Any]:
                     "settings": args.gateway_env,
                     "direct_triton": direct,
                     "gateway": through,
-                    "over_direct_triton": round(through["rps"] / direct["rps"], 3) if direct["rps"] else None,
+                    "over_direct_triton": {
+                        transport: round(through["rps"] / leg["rps"], 3) if leg["rps"] else None
+                        for transport, leg in direct.items()
+                    },
                     "gateway_cpu_ms_per_request": through.pop("server_cpu_ms_per_request", None),
                     "rss_mb_per_worker": [round(rss_mb(pid)) for pid in workers],
                 }
@@ -375,6 +411,15 @@ def _inputs(text: str) -> list[str]:
     return names
 
 
+def _transports(text: str) -> list[str]:
+    import argparse
+
+    names = [t for t in text.split(",") if t]
+    if not names or set(names) - {"bytes", "shm"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of bytes, shm")
+    return names
+
+
 def add_arguments(parser: Any) -> None:
     parser.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
     parser.add_argument("--size", type=int, default=224, help="image side")
@@ -393,6 +438,13 @@ def add_arguments(parser: Any) -> None:
         type=_inputs,
         default=["image", "pixels"],
         help="what the direct clients send, each a leg: image (float32), pixels (uint8); default both",
+    )
+    parser.add_argument(
+        "--transports",
+        type=_transports,
+        default=["bytes", "shm"],
+        help="how the direct clients send inputs, each a leg: bytes (in the gRPC request), shm (system "
+        "shared memory, as the gateway does on Triton's host); default both",
     )
     parser.add_argument("--clients", type=int, default=128)
     parser.add_argument("--processes", type=int, default=8, help="client processes")

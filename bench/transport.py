@@ -2,10 +2,12 @@
 
 A near-free model (the mean of each channel, then a linear layer: no compute to speak of), 3 x S x S,
 deployed by serving's own repository code into the bundled tritonserver, and concurrent gRPC clients sending
-one image per request in two forms, alternating leg by leg over ``--rounds`` rounds: ``image`` (float32,
-preprocessed in the client) and ``pixels`` (the uint8 samples, a quarter of the bytes, normalised by
-``model.py``). What separates the two is the transport: the client's serialisation, tritonserver's gRPC
-frontend and the copy into the backend's stub. Both answer the same logits (checked first).
+``--per-request`` images per request (default one) in four legs, alternating leg by leg over ``--rounds``
+rounds: ``image`` (float32, preprocessed in the client) or ``pixels`` (the uint8 samples, a quarter of the
+bytes, normalised by ``model.py``), each as ``bytes`` in the gRPC request or through ``shm`` (a system
+shared-memory region registered with Triton, the gateway's own code: ``services/serving/gateway/shm.py``).
+What separates the legs is the transport: the client's serialisation, tritonserver's gRPC frontend and the
+copy into the backend's stub. Both inputs answer the same logits (checked first).
 
 Run: ``.venv/bin/python bench/transport.py`` (CPU instances); ``--device cuda`` on a GPU machine.
 """
@@ -72,34 +74,45 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         with torch.no_grad():
             expected = module(torch.from_numpy(sent["image"][:8]))[0].numpy()
         load_args = types.SimpleNamespace(
-            clients=args.clients, processes=args.processes, seconds=args.seconds, warmup=args.warmup
+            clients=args.clients,
+            processes=args.processes,
+            seconds=args.seconds,
+            warmup=args.warmup,
+            per_request=args.per_request,
         )
         results: dict[str, Any] = {
             "bench": "transport",
             "device": args.device,
             "model": f"mean then linear, 3x{args.size}x{args.size}",
-            "clients": f"{args.clients} in {args.processes} processes, one image per request",
+            "clients": f"{args.clients} in {args.processes} processes",
+            "images_per_request": args.per_request,
             "bytes_per_request": {name: int(x[0].nbytes) for name, x in sent.items()},
         }
         progress("starting tritonserver")
         with run_triton(root / "triton") as triton:
             await deploy(triton.model_repository, triton.url, folder, "tiny", TritonOptions(gpu=gpu))
-            legs: dict[str, list[float]] = {"image": [], "pixels": []}
+            legs: dict[str, list[float]] = {
+                f"{name}-{transport}": [] for name in sent for transport in ("bytes", "shm")
+            }
             for name, x in sent.items():
                 results[f"answers_{name}"] = await check_answers(triton.grpc_url, "tiny", x[:8], expected)
             for round_ in range(args.rounds):
-                for name in legs:
-                    progress(f"round {round_ + 1}: {name}")
-                    leg = load("triton", triton.grpc_url, "tiny", payloads, load_args, None, name)
+                for leg_name in legs:
+                    name, transport = leg_name.split("-")
+                    progress(f"round {round_ + 1}: {name} as {transport}")
+                    leg = load("triton", triton.grpc_url, "tiny", payloads, load_args, None, name, transport)
                     if leg["errors"]:
                         raise SystemExit(
-                            f"{name}: {leg['errors']} failed requests: {leg.get('first_errors')}"
+                            f"{leg_name}: {leg['errors']} failed requests: {leg.get('first_errors')}"
                         )
-                    legs[name].append(leg["rps"])
-        results["requests_per_s"] = legs
-        results["pixels_over_image"] = [
-            round(p / i, 2) for p, i in zip(legs["pixels"], legs["image"], strict=True)
-        ]
+                    legs[leg_name].append(leg["rps"] * args.per_request)
+        results["images_per_s"] = legs
+
+        def ratios(a: str, b: str) -> list[float]:
+            return [round(x / y, 2) for x, y in zip(legs[a], legs[b], strict=True)]
+
+        results["pixels_over_image"] = {t: ratios(f"pixels-{t}", f"image-{t}") for t in ("bytes", "shm")}
+        results["shm_over_bytes"] = {n: ratios(f"{n}-shm", f"{n}-bytes") for n in sent}
     return results
 
 
@@ -113,6 +126,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="client processes")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each measurement")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds of each leg")
+    parser.add_argument("--per-request", type=int, default=1, help="images per request")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the two legs, alternating")
     print(json.dumps(asyncio.run(bench(parser.parse_args()))))
 

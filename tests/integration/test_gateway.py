@@ -279,6 +279,98 @@ async def test_predictions_through_the_gateway_equal_the_torchscript(world, trai
     assert f"predict {world.model}" in names, names
 
 
+async def _our_regions(triton_server: Any) -> set[str]:
+    import tritonclient.grpc.aio as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    try:
+        status = await client.get_system_shared_memory_status(as_json=True)
+    finally:
+        await client.close()
+    return {name for name in status.get("regions", {}) if name.startswith("conveyor-gw-")}
+
+
+async def test_inputs_through_shared_memory_answer_as_bytes_do_and_outlive_triton_forgetting_them(
+    world, trained, triton_server
+):
+    """The gateway registers its regions with the real tritonserver (same host) and sends inputs through
+    them; the answers equal those of a gateway sending bytes; when Triton forgets every region (as after a
+    restart) no request fails and the regions come back; a stopped gateway leaves none behind."""
+    import tritonclient.grpc.aio as grpcclient
+
+    event, _ = trained
+    files = [("files", (f"{i}.png", d, "image/png")) for i, (_, _, d) in enumerate(images.digits_images(8))]
+    before = await _our_regions(triton_server)
+    answers: dict[str, list[Any]] = {}
+    for budget in ("0", "64"):
+        async with world.gateway(CONVEYOR_GATEWAY_SHARED_MEMORY_MB=budget) as http:
+            await world.route(active_version=1)
+            if not world.deployed:
+                await world.deploy(event, 1, 1)
+
+            async def predict(http: httpx.AsyncClient = http) -> list[Any]:
+                path = f"/v1/models/{world.model}/predict"
+                r = await http.post(path, files=files, headers={"X-API-Key": KEY})
+                assert r.status_code == 200, r.text
+                return [p["probabilities"] for p in r.json()["predictions"]]
+
+            answers[budget] = [await predict() for _ in range(6)]  # both workers, most likely
+            registered = await _our_regions(triton_server) - before
+            if budget == "0":
+                assert not registered
+                continue
+            assert registered, "the gateway registered no shared-memory region with Triton"
+            client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+            await client.unregister_system_shared_memory()  # every region: what a Triton restart does
+            await client.close()
+            again = await asyncio.gather(*(predict() for _ in range(8)))
+            assert all(a == answers[budget][0] for a in again)
+            assert await _our_regions(triton_server) - before, "the regions were not registered anew"
+            names = await _our_regions(triton_server) - before
+    assert answers["0"] == answers["64"]
+    assert not (await _our_regions(triton_server)) & names, "a stopped gateway left regions in Triton"
+    assert not [n for n in names if Path("/dev/shm", n).exists()], "a stopped gateway left /dev/shm files"
+
+
+async def test_shared_memory_regions_are_reused_within_their_budget_and_refused_ones_mean_bytes(
+    triton_server, tmp_path, monkeypatch
+):
+    import tritonclient.grpc.aio as grpcclient
+
+    from services.serving.gateway import shm
+
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    inputs = shm.SharedInputs(client, 3 * 1024**2, retire_after_s=0.1)
+    try:
+        a, b = await inputs.take(1000), await inputs.take(1024**2)  # both 1 MiB, the smallest
+        assert a and b and (a.size, b.size) == (1024**2, 1024**2)
+        assert await inputs.take(2 * 1024**2) is None  # 2 MiB more: over the budget, both in use
+        inputs.give(a)
+        assert await inputs.take(10) is a  # reused
+        inputs.give(a)
+        big = await inputs.take(1024**2 + 1)  # 2 MiB: the free 1 MiB region makes room
+        assert big and big.size == 2 * 1024**2 and inputs.allocated == 3 * 1024**2
+        registered = await _our_regions(triton_server)
+        assert {b.name, big.name} <= registered and a.name not in registered
+        inputs.retire(b)  # its request failed: freed after retire_after_s, not reused
+        await asyncio.sleep(0.5)
+        assert b.name not in await _our_regions(triton_server)
+        assert not Path("/dev/shm", b.name).exists() and inputs.allocated == 2 * 1024**2
+        inputs.give(big)
+    finally:
+        await inputs.stop()
+    assert not {a.name, b.name, big.name} & await _our_regions(triton_server)
+    assert inputs.allocated == 0
+
+    # a region Triton cannot open (here: not where shm_open looks): refused, and bytes from then on
+    monkeypatch.setattr(shm, "SHM_DIR", tmp_path)
+    elsewhere = shm.SharedInputs(client, 8 * 1024**2, retire_after_s=0.1)
+    assert await elsewhere.take(1000) is None
+    assert not elsewhere.enabled and elsewhere.allocated == 0 and not list(tmp_path.iterdir())
+    assert await elsewhere.take(1000) is None
+    await client.close()
+
+
 async def test_a_canary_takes_its_share_stickily_and_a_switch_under_load_fails_nothing(world, trained):
     async with world.gateway():
         event, _ = trained

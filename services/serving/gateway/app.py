@@ -76,6 +76,7 @@ from services.serving.gateway.catalog import Catalog, ServedSpec
 from services.serving.gateway.config import GatewaySettings
 from services.serving.gateway.kept import Kept
 from services.serving.gateway.routing import Route, choose, mirror
+from services.serving.gateway.shm import SharedInputs
 
 __all__ = ["Gateway", "create_app"]
 
@@ -173,6 +174,9 @@ class Gateway:
             for _ in range(settings.gateway_grpc_channels)
         ]
         self._next = itertools.cycle(self._clients)
+        self.shm = SharedInputs(
+            self._clients[0], settings.gateway_shared_memory_mb * 1024**2, settings.gateway_request_timeout_s
+        )
         self.inference_log = InferenceLogger(self.bus, sample_rate=settings.gateway_inference_sample_rate)
         self.shadow_queue: asyncio.Queue[tuple[str, np.ndarray, Answer, list[InferenceSample]]] = (
             asyncio.Queue(settings.gateway_shadow_queue)
@@ -222,6 +226,7 @@ class Gateway:
         await self.bus.broker.connect()
         await self.catalog.start()
         await self.inference_log.start()
+        await self.shm.start()
         self._shadow_tasks = [asyncio.create_task(self._shadow_worker()) for _ in range(2)]
 
     async def stop(self) -> None:
@@ -231,6 +236,7 @@ class Gateway:
             await cancel(task)
         await self.catalog.stop()
         await self.inference_log.stop()
+        await self.shm.stop()
         for client in self._clients:
             await client.close()
         await self.bus.broker.stop()
@@ -407,7 +413,14 @@ class Gateway:
             ) from exc
 
     async def _infer(
-        self, model: str, version: int, route: Route, spec: ServedSpec, batch: np.ndarray
+        self,
+        model: str,
+        version: int,
+        route: Route,
+        spec: ServedSpec,
+        batch: np.ndarray,
+        *,
+        shared: bool = True,
     ) -> Answer:
         g = self.grpc
         if batch.dtype == np.uint8 and spec.pixels:
@@ -416,8 +429,13 @@ class Gateway:
             if batch.dtype == np.uint8:
                 batch = normalise_pixels(batch, spec.preprocessing)
             inputs = [g.InferInput(spec.input, list(batch.shape), "FP32")]
-        inputs[0].set_data_from_numpy(batch)
         outputs = [g.InferRequestedOutput(spec.logits), g.InferRequestedOutput(spec.embedding)]
+        region = await self.shm.take(batch.nbytes) if shared else None
+        if region is not None:
+            region.write(batch)
+            inputs[0].set_shared_memory(region.name, batch.nbytes)
+        else:
+            inputs[0].set_data_from_numpy(batch)
         started = time.perf_counter()
         try:
             result = await next(self._next).infer(
@@ -428,6 +446,11 @@ class Gateway:
                 client_timeout=self.settings.gateway_request_timeout_s,
             )
         except Exception as exc:  # InferenceServerException: Triton down, version unloaded, timeout
+            if region is not None:
+                self.shm.retire(region)  # Triton may still read it
+                if "shared memory" in str(exc).lower():  # Triton restarted and forgot it: once more, as bytes
+                    await self.shm.forget()
+                    return await self._infer(model, version, route, spec, batch, shared=False)
             self.requests.labels(model, str(version), route, "503").inc()
             raise ApiError(
                 503,
@@ -435,6 +458,8 @@ class Gateway:
                 f"Triton could not answer for {model} version {version}: {exc}",
                 RETRY_AFTER_S,
             ) from exc
+        if region is not None:
+            self.shm.give(region)
         latency = (time.perf_counter() - started) * 1000
         return Answer(version, route, result.as_numpy(spec.logits), result.as_numpy(spec.embedding), latency)
 

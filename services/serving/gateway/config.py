@@ -21,6 +21,12 @@ class GatewaySettings(Settings):
     gateway_grpc_channels: int = Field(
         4, ge=1, le=64, description="pooled gRPC channels to Triton per worker"
     )
+    gateway_shared_memory_mb: int = Field(
+        64,
+        ge=0,
+        description="per worker: inputs go to Triton through this host's shared memory (regions up to this "
+        "many MiB in all) when Triton can open it (same host, or a shared IPC namespace); 0: gRPC bytes only",
+    )
     gateway_api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="keys accepted for predict and feedback (X-API-Key or Bearer); empty: open (local only)",
