@@ -200,6 +200,15 @@ def test_services_share_the_volumes_their_paths_name(monkeypatch):
     assert set(COMPOSE["volumes"]) >= state | {models, data}
 
 
+def test_the_gateway_shares_tritons_ipc_namespace_for_its_input_regions(monkeypatch):
+    gateway: Any = settings_of("gateway", secrets_set(), monkeypatch)
+    assert gateway.gateway_shared_memory_mb > 0
+    assert SERVICES["triton"]["ipc"] == "shareable" and SERVICES["gateway"]["ipc"] == "service:triton"
+    shm = int(SERVICES["triton"]["shm_size"].removesuffix("gb")) * 1024
+    workers = int(gateway.gateway_workers)
+    assert workers * gateway.gateway_shared_memory_mb <= shm / 2, "the Python backend's stubs need room too"
+
+
 def test_prometheus_scrapes_every_conveyor_process():
     import yaml
 

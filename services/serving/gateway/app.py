@@ -458,6 +458,10 @@ class Gateway:
                 f"Triton could not answer for {model} version {version}: {exc}",
                 RETRY_AFTER_S,
             ) from exc
+        except BaseException:  # cancelled (the request's timeout): Triton may still read the region
+            if region is not None:
+                self.shm.retire(region)
+            raise
         if region is not None:
             self.shm.give(region)
         latency = (time.perf_counter() - started) * 1000

@@ -2,9 +2,9 @@
 
 Sending a 3x224x224 image as bytes costs a protobuf copy here and a parse and copy in tritonserver's gRPC
 frontend for each request; through a system shared-memory region registered with Triton, the request
-carries only the region's name. Measured with ``bench/transport.py --shared-memory`` (Python backend, a
-near-free model, 32 clients, the 2-core development machine): 2.1x the requests/s for float32 images, 1.4x for
-uint8 pixels.
+carries only the region's name. Measured with ``bench/transport.py`` (Python backend, a near-free model at
+3x224x224, 32 clients, the 2-core development machine, legs alternating): 1.7-2.1x the requests/s for
+float32 images, 1.2-1.4x for uint8 pixels.
 
 Each worker keeps its own regions, one per request in flight, sized by powers of two and reused once the
 answer is back, up to a budget (``CONVEYOR_GATEWAY_SHARED_MEMORY_MB``; a request that does not fit goes as
@@ -165,6 +165,11 @@ class SharedInputs:
                 error=str(exc)[:300],
             )
             return None
+        except BaseException:  # cancelled while registering: freed here; an entry Triton made stays until
+            # a later worker, on this host, cleans up after this one (start)
+            region.close()
+            self.allocated -= size
+            raise
         return region
 
     async def _retire(self, region: Region) -> None:
