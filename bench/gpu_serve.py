@@ -90,9 +90,11 @@ async def _clients(spec: dict[str, Any]) -> dict[str, Any]:
                 inputs[0].set_shared_memory(region.name, x.nbytes)
             else:
                 inputs[0].set_data_from_numpy(x)
-            await client.infer(spec["model"], inputs, model_version="1")
-            if region is not None and shared is not None:
-                shared.give(region)
+            try:
+                await client.infer(spec["model"], inputs, model_version="1")
+            finally:
+                if region is not None:
+                    shared.give(region)
     else:
         from lean import LeanHttp
 

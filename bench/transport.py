@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each measurement")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds of each leg")
     parser.add_argument("--per-request", type=int, default=1, help="images per request")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the two legs, alternating")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the four legs, alternating")
     print(json.dumps(asyncio.run(bench(parser.parse_args()))))
 
 

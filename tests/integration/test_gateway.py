@@ -368,6 +368,12 @@ async def test_shared_memory_regions_are_reused_within_their_budget_and_refused_
     assert await elsewhere.take(1000) is None
     assert not elsewhere.enabled and elsewhere.allocated == 0 and not list(tmp_path.iterdir())
     assert await elsewhere.take(1000) is None
+
+    # no room in /dev/shm (here: no such folder): bytes, without trying again for each request
+    monkeypatch.setattr(shm, "SHM_DIR", tmp_path / "missing")
+    full = shm.SharedInputs(client, 8 * 1024**2, retire_after_s=0.1)
+    assert await full.take(1000) is None
+    assert not full.enabled and full.budget == 0
     await client.close()
 
 

@@ -147,8 +147,16 @@ class SharedInputs:
         name = f"{self._owner}-{self._token}-{self._serial}"
         try:
             region = Region(name, size)
-        except OSError as exc:  # /dev/shm is full (or missing): this request goes as bytes
-            self.log.warning("no shared-memory region", size=size, error=repr(exc))
+        except OSError as exc:  # /dev/shm is full (or missing): the regions held are all there will be
+            self.budget = self.allocated
+            self.enabled = self.budget > 0
+            self.log.warning(
+                "no room for another shared-memory region: the rest go as gRPC bytes (lower "
+                "CONVEYOR_GATEWAY_SHARED_MEMORY_MB or the workers, or give /dev/shm more room)",
+                size=size,
+                held=self.allocated,
+                error=repr(exc),
+            )
             return None
         self.allocated += size
         try:
