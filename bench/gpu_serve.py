@@ -413,22 +413,17 @@ def _config(text: str) -> tuple[Literal["fp32", "fp16"], int, int]:
     return cast(Literal["fp32", "fp16"], precision), int(instances), int(batch)
 
 
-def _inputs(text: str) -> list[str]:
+def _listed(*allowed: str) -> Any:
+    """An argparse type: a comma-separated list of ``allowed`` names."""
     import argparse
 
-    names = [t for t in text.split(",") if t]
-    if not names or set(names) - {"image", "pixels"}:
-        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of image, pixels")
-    return names
+    def parse(text: str) -> list[str]:
+        names = [t for t in text.split(",") if t]
+        if not names or set(names) - set(allowed):
+            raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(allowed)}")
+        return names
 
-
-def _transports(text: str) -> list[str]:
-    import argparse
-
-    names = [t for t in text.split(",") if t]
-    if not names or set(names) - {"bytes", "shm"}:
-        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of bytes, shm")
-    return names
+    return parse
 
 
 def add_arguments(parser: Any) -> None:
@@ -446,13 +441,13 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--delay-us", type=int, default=500, help="dynamic batching's max queue delay")
     parser.add_argument(
         "--inputs",
-        type=_inputs,
+        type=_listed("image", "pixels"),
         default=["image", "pixels"],
         help="what the direct clients send, each a leg: image (float32), pixels (uint8); default both",
     )
     parser.add_argument(
         "--transports",
-        type=_transports,
+        type=_listed("bytes", "shm"),
         default=["bytes", "shm"],
         help="how the direct clients send inputs, each a leg: bytes (in the gRPC request), shm (system "
         "shared memory, as the gateway does on Triton's host); default both",
