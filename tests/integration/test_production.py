@@ -252,7 +252,7 @@ def postgres_database() -> Iterator[str]:
     try:
         admin = psycopg.connect(POSTGRES_URL, connect_timeout=3, autocommit=True)
     except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {POSTGRES_URL} ({exc}); set CONVEYOR_TEST_POSTGRES_URL to one")
+        pytest.skip(reason=f"no PostgreSQL at {POSTGRES_URL} ({exc}); set CONVEYOR_TEST_POSTGRES_URL to one")
     name = "conveyor_mlflow_" + secrets.token_hex(4)
     with admin.cursor() as cursor:
         cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
