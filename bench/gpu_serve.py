@@ -122,7 +122,7 @@ async def _clients(spec: dict[str, Any]) -> dict[str, Any]:
             i += spec["concurrency"]
 
     await asyncio.gather(*(loop(n + spec["offset"]) for n in range(spec["concurrency"])))
-    if spec["kind"] == "triton" and shared is not None:
+    if shared is not None:
         if not shared.enabled:
             errors.append("Triton refused the shared-memory regions: the leg sent bytes")
         await shared.stop()

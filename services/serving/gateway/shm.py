@@ -69,32 +69,35 @@ class SharedInputs:
 
     def __init__(self, client: Any, budget_bytes: int, retire_after_s: float) -> None:
         self.client = client
-        self.budget = budget_bytes
+        self.budget = budget_bytes  # 0: off (so set, too, when Triton refuses the regions)
         self.retire_after_s = retire_after_s
-        self.enabled = budget_bytes > 0
         self.free: dict[int, list[Region]] = {}
         self.allocated = 0  # bytes of every region this worker holds (free, in use, retiring)
         self._serial = 0
-        # <host>-<pid>: another worker on this host tells a dead worker's regions by it
-        self._owner = f"{NAME_PREFIX}-{socket.gethostname()}-{os.getpid()}"
+        # <prefix><pid>: another worker on this host tells a dead worker's regions by it
+        self._prefix = f"{NAME_PREFIX}-{socket.gethostname()}-"
+        self._owner = f"{self._prefix}{os.getpid()}"
         self._token = uuid.uuid4().hex[:8]
         self._retiring: set[asyncio.Task[None]] = set()
         self.log = get_logger(component="gateway")
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget > 0
 
     async def start(self) -> None:
         """Free what dead workers of this host left: their ``/dev/shm`` files, and their registrations in
         Triton (which keep the memory mapped there)."""
         if not self.enabled:
             return
-        prefix = f"{NAME_PREFIX}-{socket.gethostname()}-"
-        _unlink_dead(prefix)
+        _unlink_dead(self._prefix)
         try:
             status = await self.client.get_system_shared_memory_status(as_json=True)
         except Exception:  # Triton not up yet: nothing registered to clean now
             return
         for region in status.get("regions", {}).values():
             name = str(region.get("name", ""))
-            if name.startswith(prefix) and _dead(name, prefix):
+            if name.startswith(self._prefix) and _dead(name, self._prefix):
                 try:
                     await self.client.unregister_system_shared_memory(name)
                 except Exception as exc:
@@ -127,18 +130,12 @@ class SharedInputs:
     async def forget(self) -> None:
         """Triton lost the registrations (it restarted): free the free regions here, to register anew; those
         in use follow as their requests fail."""
-        for regions in self.free.values():
-            for region in regions:
-                await self._release(region, unregister=False)
-        self.free.clear()
+        await self._release_free(unregister=False)
 
     async def stop(self) -> None:
         for task in list(self._retiring):
             task.cancel()
-        for regions in self.free.values():
-            for region in regions:
-                await self._release(region)
-        self.free.clear()
+        await self._release_free(unregister=True)
 
     # ---- internals ---------------------------------------------------------------------------------------
 
@@ -149,7 +146,6 @@ class SharedInputs:
             region = Region(name, size)
         except OSError as exc:  # /dev/shm is full (or missing): the regions held are all there will be
             self.budget = self.allocated
-            self.enabled = self.budget > 0
             self.log.warning(
                 "no room for another shared-memory region: the rest go as gRPC bytes (lower "
                 "CONVEYOR_GATEWAY_SHARED_MEMORY_MB or the workers, or give /dev/shm more room)",
@@ -165,7 +161,7 @@ class SharedInputs:
             await self._release(region, unregister=False)
             if _unreachable(exc):  # Triton is down: this request fails anyway; try again next time
                 return None
-            self.enabled = False
+            self.budget = 0
             self.log.warning(
                 "Triton cannot use this host's shared memory (it runs on another host, or in a container "
                 "whose IPC namespace the gateway does not share): inputs go as gRPC bytes from now on; "
@@ -179,6 +175,12 @@ class SharedInputs:
             self.allocated -= size
             raise
         return region
+
+    async def _release_free(self, *, unregister: bool) -> None:
+        for regions in self.free.values():
+            for region in regions:
+                await self._release(region, unregister=unregister)
+        self.free.clear()
 
     async def _retire(self, region: Region) -> None:
         await asyncio.sleep(self.retire_after_s)
