@@ -15,7 +15,9 @@ over (b) (target <= 1 ms) and its CPU time per request. The gateway's client is 
 client on a raw socket, as a load generator is; with httpx as the client (reported beside it) its own CPU
 per request, ≈4 ms here, counts as the gateway's. With 32 concurrent clients: throughput of (c) over (b)
 (on 2 cores the gateway and Triton share the CPU), and dynamic batching on over off for (b) (target >=
-1.5x). The gateway's RSS per worker (target <= 300 MB).
+1.5x); and the gateway against the same gateway joining no requests (``CONVEYOR_GATEWAY_TRITON_IN_FLIGHT=0``,
+started beside it), two rounds alternating: requests/s and the gateway's CPU per request of each. The
+gateway's RSS per worker (target <= 300 MB).
 
 Run: ``.venv/bin/python bench/serve.py`` (``make bench``).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +174,24 @@ async def paired(
     return a, b
 
 
+ALONE = {"CONVEYOR_GATEWAY_TRITON_IN_FLIGHT": "0"}  # a gateway that joins no requests
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(env: dict[str, str]) -> AsyncIterator[tuple[int, subprocess.Popen[bytes]]]:
+    """``python -m services.serving.gateway`` with ``env`` on a free port, once it answers ready."""
+    port = free_port()
+    argv = [sys.executable, "-m", "services.serving.gateway"]
+    gateway = subprocess.Popen(argv, env=env | {"CONVEYOR_GATEWAY_PORT": str(port)})  # noqa: ASYNC220
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            await wait_until_ok(http, "/readyz", seconds=30, alive=lambda: gateway.poll() is None)
+        yield port, gateway
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)
+
+
 async def main(seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
     import tritonclient.grpc.aio as grpcclient
 
@@ -207,23 +229,22 @@ async def main(seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
 
                 return call
 
-            # (c) the gateway, two workers
-            port = free_port()
-            env = gateway_env(PREFIX, root / "gateway", nats_server, triton)
-            env |= {"CONVEYOR_GATEWAY_PORT": str(port)} | extra_env
-            progress("starting the gateway")
-            argv = [sys.executable, "-m", "services.serving.gateway"]
-            gateway = subprocess.Popen(argv, env=env)  # noqa: ASYNC220 - started once, before any measuring
-            try:
+            # (c) the gateway, two workers; beside it the same gateway joining no requests
+            env = gateway_env(PREFIX, root / "gateway", nats_server, triton) | extra_env
+            alone_env = env | ALONE | {"CONVEYOR_STATE_DIR": str(root / "gateway-alone")}
+            progress("starting the gateway, and one that joins no requests")
+            async with (
+                gateway_process(env) as (port, gateway),
+                gateway_process(alone_env) as (alone, alone_gateway),
+            ):
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-                    await wait_until_ok(http, "/readyz", seconds=30, alive=lambda: gateway.poll() is None)
-                    idle: list[LeanHttp] = []  # one connection per concurrent client, as a load generator
+                    idle: dict[int, list[LeanHttp]] = {port: [], alone: []}  # a connection per client
 
-                    def through_gateway(model: str) -> Any:
+                    def through_gateway(model: str, port: int = port) -> Any:
                         async def call(png: bytes) -> None:
-                            connection = idle.pop() if idle else LeanHttp(port)
+                            connection = idle[port].pop() if idle[port] else LeanHttp(port)
                             await connection.post(f"/v1/models/{model}/predict", png, "image/png")
-                            idle.append(connection)
+                            idle[port].append(connection)
 
                         return call
 
@@ -255,14 +276,26 @@ async def main(seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
                                 "p99_ms_32_clients": round(percentile(lat32, 99), 2),
                             }
                         results[f"gateway.{model}"]["cpu_ms_per_request"] = round(cpu_per_request * 1000, 3)
+                    joining: dict[str, dict[str, list[float]]] = {}
+                    for _ in range(2):  # rounds, alternating: this machine drifts
+                        for leg, p, pids in (
+                            ("joined", port, workers),
+                            ("alone", alone, children(alone_gateway.pid)),
+                        ):
+                            progress(f"gateway, requests {leg}, bench: 32 clients")
+                            cpu_before = cpu_seconds(pids)
+                            began = time.perf_counter()
+                            rate32, _ = await run_clients(through_gateway("bench", p), pngs, 32, seconds)
+                            served = rate32 * (time.perf_counter() - began)
+                            figures = joining.setdefault(leg, {"rps": [], "cpu_ms_per_request": []})
+                            figures["rps"].append(round(rate32, 1))
+                            cpu_ms = (cpu_seconds(pids) - cpu_before) / served * 1000
+                            figures["cpu_ms_per_request"].append(round(cpu_ms, 3))
                     progress("httpx as the gateway's client, one client")
                     lat_b, lat_httpx = await paired(direct("bench-nobatch"), through_httpx, pngs, seconds)
                     rss = [round(rss_mb(pid), 1) for pid in workers]
-                    for connection in idle:
+                    for connection in [c for pool in idle.values() for c in pool]:
                         await connection.close()
-            finally:
-                gateway.terminate()
-                gateway.wait(timeout=30)
             await client.close()
     b, c = results["triton.bench"], results["gateway.bench"]
     return {
@@ -281,6 +314,10 @@ async def main(seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
             statistics.median(lat_httpx) - statistics.median(lat_b), 3
         ),
         "gateway_over_triton_32_clients": round(c["rps_32_clients"] / b["rps_32_clients"], 3),
+        "gateway_joining_32_clients": joining,
+        "gateway_joining_on_over_off_32_clients": round(
+            sum(joining["joined"]["rps"]) / sum(joining["alone"]["rps"]), 3
+        ),
         "dynamic_batching_on_over_off_32_clients": round(
             b["rps_32_clients"] / results["triton.bench-nobatch"]["rps_32_clients"], 3
         ),

@@ -121,7 +121,7 @@ class World:
         text = (await self.http.get("/metrics")).text
         total = 0.0
         for line in text.splitlines():
-            if not line.startswith(name + "{"):
+            if not line.startswith((name + "{", name + " ")):
                 continue
             found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
             if all(found.get(k) == v for k, v in labels.items()):
@@ -198,7 +198,11 @@ async def test_predictions_through_the_gateway_equal_the_torchscript(world, trai
         "CONVEYOR_OTLP_ENDPOINT": f"{mlflow_server.url}/v1/traces",
         "CONVEYOR_OTLP_HEADERS": json.dumps({"x-mlflow-experiment-id": experiment}),
     }
-    async with world.gateway(**tracing):
+    joining = {  # one Triton request in flight per worker: the rest wait and join
+        "CONVEYOR_GATEWAY_TRITON_IN_FLIGHT": "1",
+        "CONVEYOR_GATEWAY_MAX_IMAGES": "100",
+    }
+    async with world.gateway(**tracing, **joining):
         event, local = trained
         await world.route(active_version=1)
         await world.deploy(event, 1, 1)
@@ -242,6 +246,24 @@ async def test_predictions_through_the_gateway_equal_the_torchscript(world, trai
         samples = [s for e in world.logged for s in e.samples]
         assert len(samples) == 1 + 2 * len(items)
         assert all(s.version == 1 and s.route == "active" and s.embedding and s.image_stats for s in samples)
+
+        # concurrent requests join into fewer Triton requests, each still answered with its own rows
+        sent = "conveyor_gateway_triton_request_images_count"
+        before = await world.metric(sent)
+        singles = await asyncio.gather(*(world.predict(items[i % len(items)][2]) for i in range(32)))
+        for i, r in enumerate(singles):
+            assert r.status_code == 200, r.text
+            probabilities = r.json()["predictions"][0]["probabilities"]
+            alone = [probabilities[label] for label in spec["labels"]]
+            np.testing.assert_allclose(alone, expected[i % len(items)], atol=1e-4)
+        joined = await world.metric(sent) - before
+        assert joined <= 24, f"{joined:.0f} Triton requests for 32 concurrent predict requests: few joined"
+        # more images than Triton takes in one request (its max batch size, 64): sent in parts
+        many = [("files", (f"{i}.png", items[i % len(items)][2], "image/png")) for i in range(70)]
+        r = await world.http.post(f"/v1/models/{world.model}/predict", files=many, headers={"X-API-Key": KEY})
+        assert r.status_code == 200, r.text
+        labels = [p["label"] for p in r.json()["predictions"]]
+        assert labels == [spec["labels"][int(expected[i % len(items)].argmax())] for i in range(70)]
 
         # `conveyor predict` as a user runs it, against the same gateway
         files = []

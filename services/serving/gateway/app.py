@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hmac
 import io
 import itertools
@@ -74,6 +75,7 @@ from services.runtime.tasks import cancel
 from services.runtime.telemetry import get_logger
 from services.serving.gateway.catalog import Catalog, ServedSpec
 from services.serving.gateway.config import GatewaySettings
+from services.serving.gateway.joiner import Joiner, Rows
 from services.serving.gateway.kept import Kept
 from services.serving.gateway.routing import Route, choose, mirror
 from services.serving.gateway.shm import SharedInputs
@@ -177,6 +179,7 @@ class Gateway:
         self.shm = SharedInputs(
             self._clients[0], settings.gateway_shared_memory_mb * 1024**2, settings.gateway_request_timeout_s
         )
+        self.joiner = Joiner(settings.gateway_triton_in_flight)
         self.inference_log = InferenceLogger(self.bus, sample_rate=settings.gateway_inference_sample_rate)
         self.shadow_queue: asyncio.Queue[tuple[str, np.ndarray, Answer, list[InferenceSample]]] = (
             asyncio.Queue(settings.gateway_shadow_queue)
@@ -200,6 +203,13 @@ class Gateway:
             ["model"],
             registry=self.metrics,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+        self.triton_batch = Histogram(
+            "conveyor_gateway_triton_request_images",
+            "Images in each request to Triton (concurrent predict requests join them: see "
+            "CONVEYOR_GATEWAY_TRITON_IN_FLIGHT)",
+            registry=self.metrics,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
         self.shadow_dropped = Counter(
             "conveyor_gateway_shadow_dropped",
@@ -234,6 +244,7 @@ class Gateway:
             await asyncio.wait(self._after, timeout=5)
         for task in self._shadow_tasks:
             await cancel(task)
+        await self.joiner.stop()
         await self.catalog.stop()
         await self.inference_log.stop()
         await self.shm.stop()
@@ -413,21 +424,33 @@ class Gateway:
             ) from exc
 
     async def _infer(
-        self,
-        model: str,
-        version: int,
-        route: Route,
-        spec: ServedSpec,
-        batch: np.ndarray,
-        *,
-        shared: bool = True,
+        self, model: str, version: int, route: Route, spec: ServedSpec, batch: np.ndarray
     ) -> Answer:
+        """``batch`` answered by ``version``: alone, or joined with other requests for it (``Joiner``)."""
+        if batch.dtype == np.uint8 and not spec.pixels:  # a shadow version without ``pixels``: the images
+            batch = normalise_pixels(batch, spec.preprocessing)
+        started = time.perf_counter()
+        try:
+            logits, embedding = await self.joiner.infer(
+                (model, version, batch.dtype.char, batch.shape[1:]),
+                batch,
+                self.catalog.max_batch(model),
+                functools.partial(self._send, model, version, spec),
+            )
+        except ApiError:
+            self.requests.labels(model, str(version), route, "503").inc()
+            raise
+        latency = (time.perf_counter() - started) * 1000
+        return Answer(version, route, logits, embedding, latency)
+
+    async def _send(
+        self, model: str, version: int, spec: ServedSpec, batch: np.ndarray, *, shared: bool = True
+    ) -> Rows:
+        """One Triton request: ``batch`` through a shared-memory region when one is free, else as bytes."""
         g = self.grpc
-        if batch.dtype == np.uint8 and spec.pixels:
+        if batch.dtype == np.uint8:
             inputs = [g.InferInput(spec.pixels, list(batch.shape), "UINT8")]
-        else:  # a shadow version without ``pixels`` gets the images they stand for
-            if batch.dtype == np.uint8:
-                batch = normalise_pixels(batch, spec.preprocessing)
+        else:
             inputs = [g.InferInput(spec.input, list(batch.shape), "FP32")]
         outputs = [g.InferRequestedOutput(spec.logits), g.InferRequestedOutput(spec.embedding)]
         region = await self.shm.take(batch.nbytes) if shared else None
@@ -436,7 +459,7 @@ class Gateway:
             inputs[0].set_shared_memory(region.name, batch.nbytes)
         else:
             inputs[0].set_data_from_numpy(batch)
-        started = time.perf_counter()
+        self.triton_batch.observe(len(batch))
         try:
             result = await next(self._next).infer(
                 model,
@@ -450,8 +473,7 @@ class Gateway:
                 self.shm.retire(region)  # Triton may still read it
                 if "shared memory" in str(exc).lower():  # Triton restarted and forgot it: once more, as bytes
                     await self.shm.forget()
-                    return await self._infer(model, version, route, spec, batch, shared=False)
-            self.requests.labels(model, str(version), route, "503").inc()
+                    return await self._send(model, version, spec, batch, shared=False)
             raise ApiError(
                 503,
                 "triton_unavailable",
@@ -464,8 +486,7 @@ class Gateway:
             raise
         if region is not None:
             self.shm.give(region)
-        latency = (time.perf_counter() - started) * 1000
-        return Answer(version, route, result.as_numpy(spec.logits), result.as_numpy(spec.embedding), latency)
+        return result.as_numpy(spec.logits), result.as_numpy(spec.embedding)
 
     # ---- shadow and logging ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from services.serving.repository import served_names
 __all__ = ["Catalog", "Followed", "ServedSpec"]
 
 V = TypeVar("V")
+
+_MAX_BATCH = re.compile(rb"^max_batch_size:\s*(\d+)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class Catalog:
         self.policies = Followed(js, policy_bucket, ModelPolicy.model_validate_json)
         self.states = self.rollouts.values
         self._specs: dict[tuple[str, int], ServedSpec] = {}
+        self._max_batch: dict[str, tuple[int, int]] = {}  # model -> (config's mtime, its max batch size)
 
     async def start(self) -> None:
         await self.rollouts.start()
@@ -134,3 +138,17 @@ class Catalog:
             )
             self._specs[(model, version)] = cached
         return cached
+
+    def max_batch(self, model: str) -> int:
+        """The most images Triton takes in one request of ``model``: ``max_batch_size`` in its config, as
+        serving last wrote it (one config covers every version); 0 when there is none to read."""
+        config = self.repository / model / "config.pbtxt"
+        try:
+            stamp = config.stat().st_mtime_ns
+            cached = self._max_batch.get(model)
+            if cached is None or cached[0] != stamp:
+                found = _MAX_BATCH.search(config.read_bytes())
+                cached = self._max_batch[model] = (stamp, int(found.group(1)) if found else 0)
+        except OSError:
+            return 0
+        return cached[1]

@@ -27,6 +27,13 @@ class GatewaySettings(Settings):
         description="per worker: inputs go to Triton through this host's shared memory (regions up to this "
         "many MiB in all) when Triton can open it (same host, or a shared IPC namespace); 0: gRPC bytes only",
     )
+    gateway_triton_in_flight: int = Field(
+        2,
+        ge=0,
+        description="per worker and model version: Triton requests out at once; a request that comes while "
+        "all are out waits, and the waiting go together as one request (up to the model's max batch size) as "
+        "soon as one returns; 0: each request goes alone, at once",
+    )
     gateway_api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="keys accepted for predict and feedback (X-API-Key or Bearer); empty: open (local only)",
