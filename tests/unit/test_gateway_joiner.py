@@ -125,6 +125,10 @@ async def test_no_joining_sends_each_request_at_once_and_stop_cancels_what_is_in
     first.cancel()  # its request gave up; the waiting one goes now
     await settle()
     assert triton.sizes == [1, 1]
+    queued = asyncio.create_task(joiner.infer("v1", rows(2), 0, triton.send))
+    await settle()
+    assert joiner.waiting == 1
     await joiner.stop()
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
+    for call in (waiting, queued):  # the one in flight, the one waiting for it
+        with pytest.raises(asyncio.CancelledError):
+            await call

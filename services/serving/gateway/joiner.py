@@ -83,6 +83,10 @@ class Joiner:
         return sum(len(lane.waiting) for lane in self._lanes.values())
 
     async def stop(self) -> None:
+        """Cancel the joined requests in flight and those waiting."""
+        for lane in self._lanes.values():
+            for waiting in lane.waiting:
+                waiting.answer.cancel()
         for task in list(self._sending):
             task.cancel()
         if self._sending:
