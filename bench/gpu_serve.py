@@ -273,15 +273,14 @@ def _images(count: int, size: int) -> list[bytes]:
 
 
 async def serve_bench(args: Any) -> dict[str, Any]:
-    import httpx
     import torch
     from lean import children, rss_mb
-    from serve import deploy, export_model, route
+    from serve import deploy, export_model, gateway_process, route
 
     from services.runtime.preprocessing import decode_samples, preprocess_batch
     from services.serving.tritonconfig import TritonOptions
     from services.trainer.training import resolve_device
-    from tests.servers import free_port, gateway_env, run_nats, run_triton, wait_until_ok
+    from tests.servers import gateway_env, run_nats, run_triton
 
     dev = resolve_device(args.device)
     gpu = dev.type == "cuda"
@@ -363,18 +362,12 @@ async def serve_bench(args: Any) -> dict[str, Any]:
             best = max(legs, key=lambda k: legs[k]["rps"]).rsplit("-", 2)[0]
             direct_input = "pixels" if "pixels" in args.inputs else "image"
             await route(nats_server, [names[best]])
-            port = free_port()
             env = gateway_env("bench", root / "gateway", nats_server, triton) | {
-                "CONVEYOR_GATEWAY_PORT": str(port),
                 "CONVEYOR_GATEWAY_WORKERS": str(args.gateway_workers),
             }
             env |= dict(item.split("=", 1) for item in args.gateway_env)
             progress(f"starting the gateway ({args.gateway_workers} workers) in front of {best}")
-            argv = [sys.executable, "-m", "services.serving.gateway"]
-            gateway = subprocess.Popen(argv, env=env, cwd=HERE.parent)  # noqa: ASYNC220 - before measuring
-            try:
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-                    await wait_until_ok(http, "/readyz", seconds=60, alive=lambda: gateway.poll() is None)
+            async with gateway_process(env, seconds=60) as (port, gateway):
                 workers = children(gateway.pid) or [gateway.pid]  # one worker: uvicorn runs it in-process
                 progress(f"direct Triton on {best} again, then the gateway: {args.clients} clients")
                 direct = {
@@ -398,9 +391,6 @@ async def serve_bench(args: Any) -> dict[str, Any]:
                     "gateway_cpu_ms_per_request": through.pop("server_cpu_ms_per_request", None),
                     "rss_mb_per_worker": [round(rss_mb(pid)) for pid in workers],
                 }
-            finally:
-                gateway.terminate()
-                gateway.wait(timeout=30)
     results["targets"] = {"served_over_raw_torch": 0.8, "gateway_over_direct_triton": 0.9}
     return results
 

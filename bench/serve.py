@@ -60,6 +60,7 @@ from tests import images
 from tests.servers import NatsServer, free_port, gateway_env, run_nats, run_triton, wait_until_ok
 
 PREFIX = "bench"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def progress(stage: str) -> None:
@@ -178,14 +179,18 @@ ALONE = {"CONVEYOR_GATEWAY_TRITON_IN_FLIGHT": "0"}  # a gateway that joins no re
 
 
 @contextlib.asynccontextmanager
-async def gateway_process(env: dict[str, str]) -> AsyncIterator[tuple[int, subprocess.Popen[bytes]]]:
-    """``python -m services.serving.gateway`` with ``env`` on a free port, once it answers ready."""
+async def gateway_process(
+    env: dict[str, str], seconds: float = 30
+) -> AsyncIterator[tuple[int, subprocess.Popen[bytes]]]:
+    """``python -m services.serving.gateway`` with ``env`` on a free port, once it answers ready (within
+    ``seconds``)."""
     port = free_port()
     argv = [sys.executable, "-m", "services.serving.gateway"]
-    gateway = subprocess.Popen(argv, env=env | {"CONVEYOR_GATEWAY_PORT": str(port)})  # noqa: ASYNC220
+    env = env | {"CONVEYOR_GATEWAY_PORT": str(port)}
+    gateway = subprocess.Popen(argv, env=env, cwd=ROOT)  # noqa: ASYNC220 - before any measuring
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            await wait_until_ok(http, "/readyz", seconds=30, alive=lambda: gateway.poll() is None)
+            await wait_until_ok(http, "/readyz", seconds=seconds, alive=lambda: gateway.poll() is None)
         yield port, gateway
     finally:
         gateway.terminate()
@@ -284,12 +289,10 @@ async def main(seconds: float, extra_env: dict[str, str]) -> dict[str, Any]:
                         ):
                             progress(f"gateway, requests {leg}, bench: 32 clients")
                             cpu_before = cpu_seconds(pids)
-                            began = time.perf_counter()
-                            rate32, _ = await run_clients(through_gateway("bench", p), pngs, 32, seconds)
-                            served = rate32 * (time.perf_counter() - began)
+                            rate32, lat32 = await run_clients(through_gateway("bench", p), pngs, 32, seconds)
                             figures = joining.setdefault(leg, {"rps": [], "cpu_ms_per_request": []})
                             figures["rps"].append(round(rate32, 1))
-                            cpu_ms = (cpu_seconds(pids) - cpu_before) / served * 1000
+                            cpu_ms = (cpu_seconds(pids) - cpu_before) / len(lat32) * 1000
                             figures["cpu_ms_per_request"].append(round(cpu_ms, 3))
                     progress("httpx as the gateway's client, one client")
                     lat_b, lat_httpx = await paired(direct("bench-nobatch"), through_httpx, pngs, seconds)
