@@ -135,6 +135,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 nats_user=ADMIN_USER,
                 nats_password=nats_server.passwords[ADMIN_USER],
             )
+            await nats_server.provision("bench")
             app, _ = build(settings)
             async with app:
                 progress(f"{args.files} small images: upload -> dataset.versioned")

@@ -48,9 +48,7 @@ from lean import LeanHttp, add_gateway_env, children, cpu_seconds, rss_mb
 
 from contracts.kv import RolloutState
 from contracts.names import Subjects
-from deploy.local.natsconf import ADMIN_USER
 from services.runtime.preprocessing import PreprocessSpec, fit_spec, preprocess, preprocess_batch
-from services.runtime.streams import ensure_streams
 from services.serving.repository import ModelRepository
 from services.serving.triton import TritonAdmin
 from services.serving.tritonconfig import TritonOptions
@@ -124,10 +122,9 @@ async def route(nats_server: NatsServer, names: list[str]) -> None:
     the registry would write)."""
     import nats
 
-    nc = await nats.connect(nats_server.url, user=ADMIN_USER, password=nats_server.passwords[ADMIN_USER])
-    js = nc.jetstream()
-    await ensure_streams(js, Subjects(PREFIX), inference_max_bytes=16 * 1024**2)
-    kv = await js.key_value(Subjects(PREFIX).kv.rollout)
+    await nats_server.provision(PREFIX)
+    nc = await nats.connect(**nats_server.connect_kwargs())
+    kv = await nc.jetstream().key_value(Subjects(PREFIX).kv.rollout)
     for name in names:
         await kv.put(name, RolloutState(model=name, active_version=1, revision=1).model_dump_json().encode())
     await nc.close()

@@ -117,6 +117,7 @@ async def time_to_model(tmp: Path) -> dict[str, Any]:
         async def on_result(result: Any, _: Delivery) -> None:
             done.put_nowait((time.perf_counter(), result))
 
+        await nats_server.provision("bench")
         watcher = EventBus(admin)
         watcher.consume(ModelTrained, on_result, durable="bench-trained")
         watcher.consume(ModelTrainingFailed, on_result, durable="bench-failed")

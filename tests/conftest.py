@@ -37,8 +37,8 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     their rights under every prefix (``*.dataset.versioned.>`` for ingest, ...), so a service user keeps
     exactly its own rights on the test's fresh ``prefix``: a
     permission test publishes as a service on ``prefix`` and expects another service's event to be refused.
-    No stream exists at start: create the ones you need for your prefix
-    (``services.runtime.streams.ensure_streams(js, Subjects(prefix))``).
+    Service users may not create streams: a test that asks for ``nats_server`` and ``prefix`` gets its
+    prefix's streams made by the admin user first (``provisioned``), as ``conveyor up`` makes them.
     """
     with run_nats(tmp_path_factory.mktemp("nats")) as server:
         yield server
@@ -72,3 +72,17 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSe
 def prefix() -> str:
     """A fresh subject prefix (``t`` + 8 hex digits) so that tests never see each other's events."""
     return "t" + secrets.token_hex(4)
+
+
+@pytest.fixture
+async def provisioned(nats_server: NatsServer, prefix: str) -> list[str]:
+    """The streams of ``prefix``, made by the admin user (``NatsServer.provision``)."""
+    return await nats_server.provision(
+        prefix, inference_max_bytes=int(os.environ["CONVEYOR_INFERENCE_MAX_BYTES"])
+    )
+
+
+@pytest.fixture(autouse=True)
+def _provision_the_prefix(request: pytest.FixtureRequest) -> None:
+    if {"nats_server", "prefix"} <= set(request.fixturenames):
+        request.getfixturevalue("provisioned")

@@ -82,6 +82,25 @@ class NatsServer:
         """Keyword arguments for ``nats.connect`` as ``user``."""
         return {"servers": [self.url], "user": user, "password": self.passwords[user]}
 
+    async def provision(self, prefix: str, *, inference_max_bytes: int = 16 * 1024**2) -> list[str]:
+        """The streams, KV buckets and object store of ``prefix`` (with MinIO's notification stream on
+        ``<prefix>.minio.events``), made by the admin user as ``conveyor up`` and ``conveyor streams`` make
+        them: service users may not."""
+        import nats
+
+        from services.runtime.streams import ensure_streams
+
+        nc = await nats.connect(**self.connect_kwargs())
+        try:
+            return await ensure_streams(
+                nc.jetstream(),
+                Subjects(prefix),
+                inference_max_bytes=inference_max_bytes,
+                minio_subject=f"{prefix}.minio.events",
+            )
+        finally:
+            await nc.close()
+
 
 @contextmanager
 def run_nats(root: Path) -> Iterator[NatsServer]:

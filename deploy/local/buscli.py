@@ -1,4 +1,5 @@
-"""Bus commands of the CLI: ``conveyor events tail``, ``dlq list|replay``, ``policy apply|show``.
+"""Bus commands of the CLI: ``conveyor events tail``, ``dlq list|replay``, ``policy apply|show``,
+``streams``.
 
 They log in as the admin user: in the embedded stack with the generated credentials of
 ``<state>/secrets.json``, elsewhere with ``CONVEYOR_NATS_URL``, ``CONVEYOR_NATS_USER`` and
@@ -27,9 +28,11 @@ from contracts.kv import ModelPolicy, kv_key
 from contracts.names import Subjects
 from deploy.local.config import StackSettings
 from deploy.local.secrets import LocalSecrets
+from services.ingest.config import IngestSettings
 from services.runtime.deadletters import list_dead_letters, replay
+from services.runtime.streams import ensure_streams
 
-__all__ = ["dlq_app", "events_app", "policy_app"]
+__all__ = ["dlq_app", "events_app", "policy_app", "provision", "streams_command"]
 
 events_app = typer.Typer(help="Watch the events on the bus.", no_args_is_help=True)
 dlq_app = typer.Typer(
@@ -71,6 +74,36 @@ def run(work: Callable[[StackSettings, JetStreamContext, nats.NATS], Awaitable[T
             return await work(s, js, nc)
 
     return asyncio.run(main())
+
+
+# ---- streams --------------------------------------------------------------------------------------------
+
+
+async def provision(s: StackSettings, js: JetStreamContext) -> list[str]:
+    """Create every stream, KV bucket and object store of the install and bring each to its declared
+    configuration: the admin user's work (services only check that they exist). With
+    ``CONVEYOR_INGEST_TRIGGER=minio`` also the stream of MinIO's notifications, on
+    ``CONVEYOR_INGEST_NOTIFY_SUBJECT``."""
+    ingest = IngestSettings(subject_prefix=s.subject_prefix)
+    return await ensure_streams(
+        js,
+        s.subjects,
+        inference_max_bytes=s.inference_max_bytes,
+        inference_max_age_s=s.inference_max_age_s,
+        minio_subject=ingest.ingest_notify_subject if ingest.ingest_trigger == "minio" else None,
+    )
+
+
+def streams_command() -> None:
+    """Create the streams, KV buckets and object store, or bring them to their configuration (as admin).
+
+    Service users may only check that they exist, so an install runs this before its services start and
+    again after changing CONVEYOR_INFERENCE_MAX_BYTES or CONVEYOR_INFERENCE_MAX_AGE_S: `conveyor up` does it
+    for the embedded stack, Compose's `streams` service for deploy/compose. With CONVEYOR_INGEST_TRIGGER=minio
+    it also makes the stream MinIO's bucket notifications go to (CONVEYOR_INGEST_NOTIFY_SUBJECT).
+    """
+    for name in run(lambda s, js, nc: provision(s, js)):
+        console.print(f"ready: {name}")
 
 
 # ---- events ---------------------------------------------------------------------------------------------

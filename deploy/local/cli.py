@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from deploy.local.buscli import dlq_app, events_app, policy_app
+from deploy.local.buscli import dlq_app, events_app, policy_app, streams_command
 from deploy.local.buscli import settings as bus_settings
 from deploy.local.config import StackSettings
 from deploy.local.demo import run_demo
@@ -47,6 +47,7 @@ app = typer.Typer(
 app.add_typer(events_app, name="events", help="Watch the events on the bus.")
 app.add_typer(dlq_app, name="dlq", help="Dead letters: list them with their reasons, replay one.")
 app.add_typer(policy_app, name="policy", help="Per-model policy: apply a YAML file, show a model's policy.")
+app.command("streams")(streams_command)
 # Each service's own commands (services/<svc>/cli.py), assembled here.
 app.command("upload")(upload_command(bus_settings))
 app.command("datasets")(datasets_command(bus_settings))

@@ -2,9 +2,10 @@
 
 Each service may publish only its own events (``contracts.names.SERVICE_PUBLISHES``), its own dead letters,
 and what JetStream needs to consume (API requests, acks, inboxes). Of the JetStream API a service may not
-delete or purge a stream, delete a message, snapshot or restore, nor make server or cluster requests
-(``JS_API_DENIED``): each service creates and updates the streams at start and manages its own consumers, but
-only an operator destroys data. The ``admin`` user (the CLI, operators, tests) may do everything.
+create, update, delete or purge a stream, delete a message, snapshot or restore, nor make server or cluster
+requests (``JS_API_DENIED``): a service reads the streams and manages its own consumers, while the streams'
+configuration and data are the operator's. The ``admin`` user (the CLI, operators, tests) may do everything;
+it provisions the streams (``conveyor up``, ``conveyor streams``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ _EXTRA_PUBLISH: dict[str, tuple[str, ...]] = {
     "monitor": ("$KV.{kv}_monitor.>",),
 }
 
-# JetStream API requests no service makes: each would destroy data or reach past the account. (Purging with a
-# subject filter is how nats-py's ObjectStore.put replaces an object; the gateway writes its own format.)
+# JetStream API requests no service makes: each would destroy data, change a stream's limits (which can
+# destroy it too), claim subjects for a stream of its own, or reach past the account. (Purging with a subject
+# filter is how nats-py's ObjectStore.put replaces an object; the gateway writes its own format.)
 JS_API_DENIED = (
+    "$JS.API.STREAM.CREATE.>",
+    "$JS.API.STREAM.UPDATE.>",
     "$JS.API.STREAM.DELETE.>",
     "$JS.API.STREAM.PURGE.>",
     "$JS.API.STREAM.MSG.DELETE.>",

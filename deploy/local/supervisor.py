@@ -165,16 +165,11 @@ class Supervisor:
         log.info("streams and KV buckets ready: %s", names)
 
     async def _ensure_streams_async(self) -> list[str]:
-        from services.runtime.streams import ensure_streams
+        from deploy.local.buscli import provision
 
         nc = await nats.connect(**self.settings.admin_connect_kwargs(), connect_timeout=5)  # type: ignore[arg-type]
         try:
-            return await ensure_streams(
-                nc.jetstream(),
-                self.settings.subjects,
-                inference_max_bytes=self.settings.inference_max_bytes,
-                inference_max_age_s=self.settings.inference_max_age_s,
-            )
+            return await provision(self.settings, nc.jetstream())
         finally:
             await nc.close()
 

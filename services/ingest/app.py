@@ -6,8 +6,6 @@ import asyncio
 from dataclasses import dataclass, field
 
 from faststream.asgi import AsgiFastStream
-from nats.js.api import StorageType, StreamConfig
-from nats.js.errors import NotFoundError
 
 from services.ingest.batcher import Batcher
 from services.ingest.config import IngestSettings
@@ -21,14 +19,11 @@ from services.ingest.validation import Limits
 from services.ingest.versioning import DataRepository, Ingestor
 from services.runtime.bus import EventBus
 from services.runtime.service import build_app
+from services.runtime.streams import ensure_stream, notification_stream, notification_stream_config
 from services.runtime.tasks import cancel
 from services.runtime.telemetry import get_logger
 
 __all__ = ["IngestService", "build"]
-
-
-def notification_stream(settings: IngestSettings) -> str:
-    return f"{settings.subjects.stream_prefix}_MINIO"
 
 
 @dataclass
@@ -64,7 +59,7 @@ class IngestService:
         if s.ingest_trigger == "minio":
             handler = NotificationHandler(self.batcher, self.known, s.incoming_bucket, s.ack_wait_s / 3)
             self.bus.consume_raw(
-                notification_stream(s),
+                notification_stream(s.subjects),
                 s.ingest_notify_subject,
                 lambda raw: (None, parse_minio_notification(raw)),
                 handler,
@@ -110,18 +105,9 @@ class IngestService:
             await asyncio.sleep(0.1)
 
     async def _ensure_notification_stream(self) -> None:
-        name = notification_stream(self.settings)
-        config = StreamConfig(
-            name=name,
-            description="MinIO bucket notifications for ingest",
-            subjects=[self.settings.ingest_notify_subject],
-            storage=StorageType.FILE,
-            max_age=7 * 24 * 3600,
-        )
-        try:
-            await self.bus.js.stream_info(name)
-        except NotFoundError:
-            await self.bus.js.add_stream(config)
+        s = self.settings
+        config = notification_stream_config(s.subjects, s.ingest_notify_subject)
+        await ensure_stream(self.bus.js, config, update=False)
 
 
 def build(

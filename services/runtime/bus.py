@@ -83,13 +83,16 @@ class EventBus:
         self._pulls: list[PullConsumer] = []
 
     async def prepare(self) -> None:
-        """Connect and make sure the streams and KV buckets exist (before any durable consumer attaches)."""
+        """Connect and check that the streams and KV buckets exist (before any durable consumer attaches):
+        their configuration is the admin user's to set (``services.runtime.streams``); a missing one is
+        created where this user may, else ``NotProvisioned`` says how to provision them."""
         await self.broker.connect()
         await ensure_streams(
             self.js,
             self.subjects,
             inference_max_bytes=self.settings.inference_max_bytes,
             inference_max_age_s=self.settings.inference_max_age_s,
+            update=False,
         )
 
     async def start(self) -> None:

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import secrets
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import nats
 import pytest
+from nats.js.api import StreamConfig
 
 from contracts.events import DatasetVersioned, ModelPromoted, ModelTrained
 from contracts.examples import example_event
+from contracts.names import Subjects
 from services.runtime.bus import EventBus
 from services.runtime.config import Settings
 from services.runtime.consumer import Delivery
 from services.runtime.deadletters import list_dead_letters, replay
 from services.runtime.errors import PermanentError
+from services.runtime.streams import NotProvisioned
 
 pytestmark = pytest.mark.integration
 
@@ -222,8 +230,11 @@ async def test_service_user_cannot_publish_outside_its_permissions(
         await nc.close()
 
 
-async def test_service_users_cannot_delete_or_purge_streams(nats_server, service_settings, prefix, admin_bus):
-    """Every service creates the streams and its consumers, but none may destroy what a stream holds."""
+async def test_service_users_cannot_create_change_or_destroy_streams(
+    nats_server, service_settings, prefix, admin_bus
+):
+    """Every service reads the streams and manages its consumers, but none may make a stream, change one's
+    limits (which could drop what it holds) or destroy what a stream holds."""
     stream = admin_bus.settings.subjects.dlq_stream
     await admin_bus.js.publish(f"{prefix}.dlq.serving", b"a dead letter", timeout=2)
     errors: list[Exception] = []
@@ -235,17 +246,82 @@ async def test_service_users_cannot_delete_or_purge_streams(nats_server, service
     nc = await nats.connect(nats_server.url, user="serving", password=password, error_cb=on_error)
     try:
         js = nc.jetstream(timeout=1)
-        assert (await js.stream_info(stream)).state.messages == 1  # reading is allowed
-        for attempt in (js.purge_stream(stream), js.delete_msg(stream, 1), js.delete_stream(stream)):
+        info = await js.stream_info(stream)
+        assert info.state.messages == 1  # reading is allowed
+        shrunk = dataclasses.replace(info.config, max_msgs=0, max_age=1.0)
+        attempts = (
+            js.add_stream(StreamConfig(name=f"{prefix}_MINE", subjects=[f"{prefix}.mine.>"])),
+            js.update_stream(shrunk),
+            js.purge_stream(stream),
+            js.delete_msg(stream, 1),
+            js.delete_stream(stream),
+        )
+        for attempt in attempts:
             with pytest.raises(nats.errors.Error):
                 await attempt
         await asyncio.sleep(0.2)
         refused = [str(e).lower() for e in errors if "permissions violation" in str(e).lower()]
-        for verb, message in zip(("purge", "msg.delete", "delete"), refused, strict=True):
-            assert f'"$js.api.stream.{verb}.{stream.lower()}"' in message
+        verbs = ("update", "purge", "msg.delete", "delete")
+        targets = (f"create.{prefix}_mine", *(f"{verb}.{stream.lower()}" for verb in verbs))
+        for target, message in zip(targets, refused, strict=True):
+            assert f'"$js.api.stream.{target}"' in message
     finally:
         await nc.close()
-    assert (await admin_bus.js.stream_info(stream)).state.messages == 1
+    after = await admin_bus.js.stream_info(stream)
+    assert after.state.messages == 1 and after.config.max_age == info.config.max_age
+
+
+async def test_only_the_admin_user_provisions_the_streams(nats_server, tmp_path):
+    """A service on a prefix nobody provisioned stops, saying what to run; `conveyor streams` (as admin)
+    makes the streams, MinIO's too with the minio trigger; then the service starts and leaves their limits
+    alone."""
+    fresh = "t" + secrets.token_hex(4)  # not the ``prefix`` fixture's: nothing provisions it
+    trainer = Settings(
+        service="trainer",
+        subject_prefix=fresh,
+        nats_url=nats_server.url,
+        nats_user="trainer",
+        nats_password=nats_server.passwords["trainer"],
+        inference_max_bytes=8 * 1024**2,
+    )
+    bus = EventBus(trainer)
+    try:
+        with pytest.raises(NotProvisioned, match=r"may not create streams.*`conveyor streams`"):
+            await bus.prepare()
+    finally:
+        await bus.broker.stop()
+
+    env = os.environ | {
+        "CONVEYOR_NATS_URL": nats_server.url,
+        "CONVEYOR_NATS_USER": "admin",
+        "CONVEYOR_NATS_PASSWORD": nats_server.passwords["admin"],
+        "CONVEYOR_SUBJECT_PREFIX": fresh,
+        "CONVEYOR_STATE_DIR": str(tmp_path / "state"),
+        "CONVEYOR_INGEST_TRIGGER": "minio",
+    }
+    command = [sys.executable, "-m", "deploy.local.cli", "streams"]
+    out = await asyncio.to_thread(
+        subprocess.run, command, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    subjects = Subjects(fresh)
+    for name in (
+        subjects.control_stream,
+        subjects.inference_stream,
+        subjects.kv.rollout,
+        f"{fresh.upper()}_MINIO",
+    ):
+        assert f"ready: {name}" in out.stdout
+
+    async with EventBus(trainer) as bus:  # provisioned: it starts, and checks without changing anything
+        info = await bus.js.stream_info(subjects.inference_stream)
+        assert (
+            info.config.max_bytes
+            == int(os.environ["CONVEYOR_INFERENCE_MAX_BYTES"])
+            != trainer.inference_max_bytes
+        )
+        minio = await bus.js.stream_info(f"{fresh.upper()}_MINIO")
+        assert minio.config.subjects == [f"{fresh}.minio.events"]
 
 
 async def test_dataset_event_filter_by_name(service_settings):

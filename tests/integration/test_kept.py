@@ -36,10 +36,13 @@ async def test_images_written_without_acks_read_back_whole_through_the_object_st
         assert await store.get("never-kept") is None
 
 
-async def test_a_full_store_drops_its_oldest_images_and_keeps_taking_new_ones(service_settings):
-    # The store's stream holds 1 MiB: eighty 20 KB images cannot all fit.
-    settings = service_settings("serving", inference_max_bytes=1024**2)
-    async with EventBus(settings) as bus:
+async def test_a_full_store_drops_its_oldest_images_and_keeps_taking_new_ones(
+    nats_server, prefix, service_settings
+):
+    # The store's stream holds 1 MiB (the admin's limit for this prefix): eighty 20 KB images cannot all fit.
+    await nats_server.provision(prefix, inference_max_bytes=1024**2)
+    async with EventBus(service_settings("serving")) as bus:
+        assert (await bus.js.stream_info(f"OBJ_{bus.subjects.predictions_store}")).config.max_bytes == 1024**2
         store = kept(bus)
         images = {f"p{i:02d}": os.urandom(20_000) for i in range(80)}
         for name, data in images.items():

@@ -95,7 +95,25 @@ def compose_variables(nats_passwords: dict[str, str], s3: S3Server) -> dict[str,
 
 
 @pytest.fixture
-async def versions(production_nats: ProductionNats) -> AsyncIterator[list[DatasetVersioned]]:
+def provisioned(production_nats: ProductionNats, s3_server: S3Server, tmp_path: Path) -> str:
+    """Compose's ``streams`` job, its command in its environment, run on this nats-server: the streams exist
+    before any service starts, as ``depends_on`` orders it. Returns its output."""
+    job = compose.load()["services"]["streams"]
+    env = compose.environment("streams", compose_variables(production_nats.passwords, s3_server))
+    env |= {"CONVEYOR_NATS_URL": production_nats.url, "CONVEYOR_STATE_DIR": str(tmp_path / "streams")}
+    env |= {"CONVEYOR_INFERENCE_MAX_BYTES": str(16 * 1024**2)}  # as every test: a small disk
+    assert job["command"][0] == "conveyor"
+    command = [sys.executable, "-m", "deploy.local.cli", *job["command"][1:]]
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    out = subprocess.run(command, env=plain | env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+@pytest.fixture
+async def versions(
+    production_nats: ProductionNats, provisioned: str
+) -> AsyncIterator[list[DatasetVersioned]]:
     """Every dataset.versioned of the install, read as the admin user."""
     seen: list[DatasetVersioned] = []
 
@@ -116,8 +134,9 @@ async def versions(production_nats: ProductionNats) -> AsyncIterator[list[Datase
 
 
 async def test_ingest_as_compose_runs_it_versions_what_minio_announces(
-    production_nats, versions, s3_server, tmp_path, monkeypatch
+    production_nats, provisioned, versions, s3_server, tmp_path, monkeypatch
 ):
+    assert f"ready: {Subjects(PREFIX).stream_prefix}_MINIO" in provisioned  # MinIO's notifications land there
     tag = "p" + secrets.token_hex(3)
     client = s3_server.client()
     for bucket in (f"{tag}-in", f"{tag}-q", f"{tag}-dvc"):

@@ -37,9 +37,12 @@ SETTINGS: dict[str, type[BaseSettings]] = {
     "gateway": GatewaySettings,
     "monitor": MonitorSettings,
     "cli": StackSettings,
+    "streams": StackSettings,
 }
+ONE_SHOT = {"cli", "streams"}  # commands of the CLI: no server, no health check
+ALSO_READS: dict[str, type[BaseSettings]] = {"streams": IngestSettings}  # its trigger: MinIO's stream too
 # One-shot jobs, the CLI, and images with no shell or client to run a check in.
-WITHOUT_HEALTHCHECK = {"minio-setup", "cli", "otel-collector", "jaeger", "grafana"}
+WITHOUT_HEALTHCHECK = {"minio-setup", *ONE_SHOT, "otel-collector", "jaeger", "grafana"}
 
 COMPOSE = compose.load()
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
@@ -58,15 +61,21 @@ def env_example() -> dict[str, str]:
     return {key: value for key, value in pairs}
 
 
-def settings_of(service: str, variables: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> BaseSettings:
-    """The settings ``service`` reads inside its container, given ``variables`` as .env."""
+def settings_of(
+    service: str,
+    variables: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    kind: type[BaseSettings] | None = None,
+) -> BaseSettings:
+    """The settings (of ``kind``, default the service's own) ``service`` reads inside its container, given
+    ``variables`` as .env."""
     import os
 
     for key in [k for k in os.environ if k.startswith(("CONVEYOR_", "MLFLOW_", "AWS_"))]:
         monkeypatch.delenv(key)
     for key, value in compose.environment(service, variables, COMPOSE).items():
         monkeypatch.setenv(key, value)
-    return SETTINGS[service]()
+    return (kind or SETTINGS[service])()
 
 
 def port_of(url: str) -> int:
@@ -87,7 +96,9 @@ def test_every_stack_service_runs_as_its_own_module_and_nats_user():
 
 @pytest.mark.parametrize("service", sorted(SETTINGS))
 def test_each_setting_compose_gives_is_one_the_service_reads_and_accepts(service, monkeypatch):
-    fields = SETTINGS[service].model_fields
+    fields = SETTINGS[service].model_fields | (
+        ALSO_READS[service].model_fields if service in ALSO_READS else {}
+    )
     unknown = [
         key
         for key in SERVICES[service]["environment"]
@@ -98,6 +109,8 @@ def test_each_setting_compose_gives_is_one_the_service_reads_and_accepts(service
     assert settings.mode == "production"
     assert settings.http_host == "0.0.0.0"
     assert settings.subject_prefix == SERVICES[service]["environment"]["CONVEYOR_SUBJECT_PREFIX"]
+    if service in ALSO_READS:
+        settings_of(service, secrets_set(), monkeypatch, ALSO_READS[service])
 
 
 def test_env_example_lists_every_required_variable_and_its_placeholders_are_refused(monkeypatch):
@@ -125,7 +138,7 @@ def test_a_missing_secret_stops_compose_with_its_name():
 def test_health_checks_probe_each_service_on_its_own_port_and_dependencies_wait_for_them():
     missing = {name for name, service in SERVICES.items() if "healthcheck" not in service}
     assert missing == WITHOUT_HEALTHCHECK
-    for name in SETTINGS.keys() - {"cli"}:
+    for name in SETTINGS.keys() - ONE_SHOT:
         probe = " ".join(SERVICES[name]["healthcheck"]["test"])
         assert port_of(probe) == int(SERVICES[name]["environment"]["CONVEYOR_HTTP_PORT"]), name
         assert "/healthz" in probe
@@ -136,8 +149,13 @@ def test_health_checks_probe_each_service_on_its_own_port_and_dependencies_wait_
             assert condition in ("service_healthy", "service_completed_successfully"), (name, target)
             if condition == "service_healthy":
                 assert "healthcheck" in SERVICES[target], f"{name} waits for {target}, which has no check"
-        if name in SETTINGS and name != "cli":
+        if name in SETTINGS and name not in ONE_SHOT:
             assert depends["nats"]["condition"] == "service_healthy"
+            # only the admin user makes the streams: every service starts after them
+            assert depends["streams"]["condition"] == "service_completed_successfully", name
+    assert SERVICES["streams"]["command"] == ["conveyor", "streams"]
+    assert SERVICES["streams"]["environment"]["CONVEYOR_NATS_USER"] == "admin"
+    assert SERVICES["minio"]["depends_on"]["streams"]["condition"] == "service_completed_successfully"
 
 
 def test_nats_conf_is_current_and_nats_gets_every_password_it_names():
@@ -195,8 +213,8 @@ def test_services_share_the_volumes_their_paths_name(monkeypatch):
     data = _mounts("ingest")[remote]
     for reader in ("trainer", "registry", "cli"):
         assert _mounts(reader)[remote] == data
-    state = {_mounts(name)["/var/lib/conveyor"] for name in SETTINGS.keys() - {"cli"}}
-    assert len(state) == len(SETTINGS) - 1, "each service keeps its state in a volume of its own"
+    state = {_mounts(name)["/var/lib/conveyor"] for name in SETTINGS.keys() - ONE_SHOT}
+    assert len(state) == len(SETTINGS) - len(ONE_SHOT), "each service keeps its state in a volume of its own"
     assert set(COMPOSE["volumes"]) >= state | {models, data}
 
 
@@ -214,7 +232,7 @@ def test_prometheus_scrapes_every_conveyor_process():
 
     config = yaml.safe_load((compose.COMPOSE_DIR / "prometheus.yml").read_text())
     targets = {t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
-    for name in SETTINGS.keys() - {"cli"}:
+    for name in SETTINGS.keys() - ONE_SHOT:
         assert f"{name}:{SERVICES[name]['environment']['CONVEYOR_HTTP_PORT']}" in targets
 
 

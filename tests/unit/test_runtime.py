@@ -106,7 +106,8 @@ def test_service_permissions_allow_only_own_events():
     assert "$KV.*.>" in service_permissions("ingest", subjects, any_prefix=True)["publish"]["allow"]
     denied = service_permissions("serving", subjects)["publish"]["deny"]
     assert "$JS.API.STREAM.DELETE.>" in denied and "$JS.API.STREAM.PURGE.>" in denied
-    assert not any(s.startswith(("$JS.API.STREAM.CREATE", "$JS.API.CONSUMER.CREATE")) for s in denied)
+    assert "$JS.API.STREAM.CREATE.>" in denied and "$JS.API.STREAM.UPDATE.>" in denied  # the admin's
+    assert not any(s.startswith(("$JS.API.CONSUMER.CREATE", "$JS.API.CONSUMER.DURABLE")) for s in denied)
 
 
 def test_nats_config_keeps_given_passwords_and_generates_the_rest(tmp_path):
