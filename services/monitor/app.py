@@ -6,17 +6,29 @@ Publishes ``drift.detected``, ``drift.cleared`` and ``canary.verdict`` through a
 state records a verdict or drift before its event goes out, so an event whose publish failed is kept and sent
 again on the next tick (its id is derived from its key, so a resend is never a duplicate) rather than lost
 with the acked samples that caused it.
+
+Before the consumer starts, ``recover`` reads back what it acked last time, as far back as the longest window
+of any policy, and ``Monitor.replay`` puts the samples no closed window holds back into the windows: a restart
+loses none. With several replicas, each reads back every replica's share (their windows overlap for a while).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from faststream.asgi import AsgiFastStream
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
-from contracts.envelope import Event
+from contracts.envelope import Event, InvalidEvent, decode
 from contracts.events import InferenceLogged
+from contracts.kv import DriftPolicy, ModelPolicy
 from services.monitor.config import MonitorSettings
 from services.monitor.metrics import MonitorMetrics
 from services.monitor.monitor import Monitor
@@ -59,7 +71,40 @@ class MonitorService:
         self._ticking: asyncio.Task[None] | None = None
         self.outbox: list[Event] = []
         # One batch at a time: the windows are shared, and a batch is cheap next to a window's tests.
-        self.bus.consume(InferenceLogged, self.on_inference_logged, max_in_flight=1)
+        self.consumer = self.bus.consume(InferenceLogged, self.on_inference_logged, max_in_flight=1)
+
+    async def recover(self) -> None:
+        """Rebuild the windows open at the last stop from the inference stream (``Monitor.replay``): the
+        messages the durable consumer acked, back to the longest window any policy allows. Should that
+        fail, the monitor starts with empty windows, as it did before there was a replay."""
+        try:
+            await self._recover()
+        except Exception as exc:
+            self.log.warning("windows not rebuilt after the restart", error=repr(exc))
+
+    async def _recover(self) -> None:
+        js, stream = self.bus.js, self.settings.subjects.inference_stream
+        try:
+            floor = (await js.consumer_info(stream, self.consumer.durable)).ack_floor
+        except NotFoundError:
+            return  # the first start: the consumer will deliver every message
+        if floor is None or not floor.stream_seq:
+            return
+        policies = [
+            ModelPolicy.model_validate_json(v) for v in (await self.monitor.policies.current()).values()
+        ]
+        longest = max([DriftPolicy().window_seconds, *(p.drift.window_seconds for p in policies)])
+        until = floor.last_active or datetime.now(UTC)
+        since = until - timedelta(seconds=longest + 2 * self.settings.monitor_tick_s)
+        subject = self.settings.subjects.event_filter(InferenceLogged.type, "*")
+        began = time.monotonic()
+        self.outbox += await self.monitor.replay(_read_back(js, stream, subject, since, floor.stream_seq))
+        self.log.info(
+            "windows rebuilt after a restart",
+            read_back_from=since.isoformat(),
+            seconds=round(time.monotonic() - began, 2),
+            windows={f"{m}@{v}": w.count for (m, v), w in self.monitor.windows.items()},
+        )
 
     async def on_inference_logged(self, event: InferenceLogged, delivery: Delivery) -> None:
         self.outbox += await self.monitor.on_inference_logged(event)
@@ -93,6 +138,38 @@ class MonitorService:
                 self.log.warning("monitor tick failed", error=repr(exc))
 
 
+async def _read_back(
+    js: JetStreamContext, stream: str, subject: str, since: datetime, last: int
+) -> AsyncIterator[InferenceLogged]:
+    """The events of ``subject`` from ``since`` up to stream sequence ``last``, oldest first (an ephemeral
+    consumer that acks nothing); a message that does not decode was dead-lettered by the consumer: skipped."""
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_TIME,
+        opt_start_time=since,
+        ack_policy=AckPolicy.NONE,
+        inactive_threshold=60.0,  # the server removes it should this task die before the delete
+        mem_storage=True,
+    )
+    sub = await js.pull_subscribe(subject, stream=stream, config=config)
+    info = await sub.consumer_info()
+    remaining = info.num_pending or 0
+    try:
+        while remaining > 0:
+            for msg in await sub.fetch(min(remaining, 256), timeout=10):
+                remaining = msg.metadata.num_pending
+                if msg.metadata.sequence.stream > last:
+                    return
+                try:
+                    _, event = decode(msg.data, InferenceLogged)
+                except InvalidEvent:
+                    continue
+                yield event
+    finally:
+        await sub.unsubscribe()
+        with contextlib.suppress(Exception):  # gone already: the inactivity threshold covers it
+            await js.delete_consumer(stream, info.name)
+
+
 def build(
     settings: MonitorSettings | None = None, source: ProfileSource | None = None
 ) -> tuple[AsgiFastStream, MonitorService]:
@@ -102,5 +179,7 @@ def build(
     async def ready() -> bool:
         return service.ready
 
-    app = build_app(service.bus, ready=ready, start=[service.start], stop=[service.stop])
+    app = build_app(
+        service.bus, ready=ready, prepare=[service.recover], start=[service.start], stop=[service.stop]
+    )
     return app, service

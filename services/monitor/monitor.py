@@ -3,8 +3,9 @@ windows by size or time, and turn them into ``drift.detected`` / ``drift.cleared
 
 Windows and the current canary step live in memory (bounded: at most ``max_versions`` versions); what must
 survive a restart or be shared by replicas lives in KV (``state.MonitorState``): each version's latest
-windows and drifting flag, the model's drift cooldown, and the verdicts given. A window open at a crash is
-lost (its samples were acked): that only delays the next verdict by one window.
+windows and drifting flag, the model's drift cooldown, and the verdicts given. The windows open at a restart
+are rebuilt from the inference stream (``replay``): the samples the last process acked that no closed window
+holds.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 
 from contracts.envelope import Event
@@ -62,24 +63,60 @@ class Monitor:
 
     # ---- input -------------------------------------------------------------------------------------------
 
-    async def on_inference_logged(self, event: InferenceLogged) -> list[Event]:
+    async def on_inference_logged(
+        self, event: InferenceLogged, closed: Mapping[WindowKey, datetime] | None = None
+    ) -> list[Event]:
+        """Feed the event's samples and feedback to their windows and the canary step. ``closed`` (a
+        replay): a version's samples up to that time are in a closed window already, and its window leaves
+        them out (the canary step, rebuilt from nothing, takes every one since the step began)."""
         model = event.model
         policy = self._policy[model] = await self.policies.get(model)
         step = self._step(await self.rollouts.get(model))
         out: list[Event] = []
+
+        def in_closed_window(version: int, at: datetime) -> bool:
+            until = closed.get((model, version)) if closed is not None else None
+            return until is not None and at <= until
+
         for feedback in event.feedback:
-            self._window(model, feedback.version).add_feedback(feedback)
             if step is not None:
                 step.add_feedback(feedback)
+            if not in_closed_window(feedback.version, feedback.time):
+                self._window(model, feedback.version).add_feedback(feedback)
         for sample in event.samples:
-            window = self._window(model, sample.version)
-            window.add(sample)
-            self.metrics.samples.labels(model, str(sample.version), str(sample.ok).lower()).inc()
             if step is not None:
                 step.add(sample, event.sample_rate)
+            if in_closed_window(sample.version, sample.time):
+                continue
+            window = self._window(model, sample.version)
+            window.add(sample)
+            if closed is None:  # a replayed sample was counted by the process that first read it
+                self.metrics.samples.labels(model, str(sample.version), str(sample.ok).lower()).inc()
             if window.full(policy.drift.window_size):  # exactly window_size samples, even mid-batch
                 out += await self._close(window, policy)
         out += await self._verdict(model)
+        return out
+
+    async def replay(self, events: AsyncIterator[InferenceLogged]) -> list[Event]:
+        """After a restart, before any new event: the events the last process had acked, oldest first. Their
+        samples that no closed window holds (by the end of each version's last window in KV) go back into
+        the windows, which close by time as if they had opened when their first sample came."""
+        closed = {
+            (record.model, version): kept.windows[-1].end
+            for record in await self.state.records()
+            for version, kept in record.versions.items()
+            if kept.windows and kept.windows[-1].end is not None
+        }
+        out: list[Event] = []
+        async for event in events:
+            try:
+                out += await self.on_inference_logged(event, closed)
+            except Exception as exc:  # what failed then fails again: it was dead-lettered, not counted
+                self.log.warning("replayed batch skipped", model=event.model, error=repr(exc))
+        now, wall = self.clock(), datetime.now(UTC)
+        for window in self.windows.values():
+            if window.start is not None:
+                window.opened = min(window.opened, now - (wall - window.start).total_seconds())
         return out
 
     async def tick(self) -> list[Event]:

@@ -73,6 +73,10 @@ class MonitorState(LazyBucket):
             return ModelRecord(model=model)
         return ModelRecord.model_validate_json(entry.value) if entry.value else ModelRecord(model=model)
 
+    async def records(self) -> list[ModelRecord]:
+        """Every model's record."""
+        return [ModelRecord.model_validate_json(value) for value in (await self.current()).values() if value]
+
     async def update(self, model: str, change: Callable[[ModelRecord], None]) -> ModelRecord:
         """Apply ``change`` to the current record and write it only if nobody wrote in between (else read
         again and re-apply)."""

@@ -145,3 +145,50 @@ async def test_held_out_traffic_stays_quiet_and_every_shift_is_detected(world, t
 
     history = MlflowClient(settings.mlflow_url).get_metric_history(event.run_id, "drift.ks.mean")
     assert len(history) >= 29 and sorted(m.step for m in history)[-1] >= 29
+
+
+async def test_a_restart_loses_none_of_the_open_window(world, trained):
+    """The samples of the window open at a restart come back from the inference stream before the consumer
+    starts: the window closes with all of them, and the samples of the window closed before count once."""
+    settings, bus, _ = world
+    event, local = trained
+    model, version = event.model, event.version
+    await apply(
+        bus, ModelPolicy(model=model, drift=DriftPolicy(window_size=WINDOW, min_samples=100, cooldown_s=0))
+    )
+    live = traffic.Traffic(local, version)
+    held_out = [data for _, data in traffic.held_out("test")][:WINDOW]
+    state = MonitorState(lambda: bus.js, bus.subjects.kv.monitor)
+    stream = bus.subjects.inference_stream
+    loop = asyncio.get_running_loop()
+
+    async def until(condition: Any, what: str) -> None:
+        deadline = loop.time() + 60
+        while not await condition():
+            assert loop.time() < deadline, what
+            await asyncio.sleep(0.1)
+
+    async def all_acked(durable: str) -> bool:
+        last = (await bus.js.stream_info(stream)).state.last_seq
+        floor = (await bus.js.consumer_info(stream, durable)).ack_floor
+        return floor is not None and floor.stream_seq >= last
+
+    async def closed(n: int) -> bool:
+        kept = (await state.get(model)).versions.get(version)
+        return kept is not None and kept.closed >= n
+
+    app, service = build(settings)
+    async with app:
+        await send(bus, model, live.samples(held_out))  # one whole window: it closes
+        await until(lambda: closed(1), "the first window never closed")
+        await send(bus, model, live.samples(held_out[:90]))  # the next one, still open at the restart
+        await until(lambda: all_acked(service.consumer.durable), "the monitor did not ack every batch")
+        assert service.monitor.windows[(model, version)].count == 90
+    app, service = build(settings)
+    async with app:
+        assert service.monitor.windows[(model, version)].count == 90  # rebuilt before any new batch
+        await send(bus, model, live.samples(held_out[90:]))
+        await until(lambda: closed(2), "the window open at the restart never closed")
+    kept = (await state.get(model)).versions[version]
+    assert [w.samples for w in kept.windows] == [WINDOW, WINDOW]
+    assert kept.windows[1].outcome == "clear"
