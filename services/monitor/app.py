@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 
 from faststream.asgi import AsgiFastStream
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from contracts.envelope import Event, InvalidEvent, decode
@@ -37,6 +37,7 @@ from services.monitor.state import MonitorState
 from services.runtime.bus import EventBus
 from services.runtime.consumer import Delivery
 from services.runtime.policy import Policies
+from services.runtime.pull import read_through
 from services.runtime.rollouts import Rollouts
 from services.runtime.service import build_app
 from services.runtime.tasks import cancel
@@ -141,33 +142,15 @@ class MonitorService:
 async def _read_back(
     js: JetStreamContext, stream: str, subject: str, since: datetime, last: int
 ) -> AsyncIterator[InferenceLogged]:
-    """The events of ``subject`` from ``since`` up to stream sequence ``last``, oldest first (an ephemeral
-    consumer that acks nothing); a message that does not decode was dead-lettered by the consumer: skipped."""
-    config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_TIME,
-        opt_start_time=since,
-        ack_policy=AckPolicy.NONE,
-        inactive_threshold=60.0,  # the server removes it should this task die before the delete
-        mem_storage=True,
-    )
-    sub = await js.pull_subscribe(subject, stream=stream, config=config)
-    info = await sub.consumer_info()
-    remaining = info.num_pending or 0
-    try:
-        while remaining > 0:
-            for msg in await sub.fetch(min(remaining, 256), timeout=10):
-                remaining = msg.metadata.num_pending
-                if msg.metadata.sequence.stream > last:
-                    return
-                try:
-                    _, event = decode(msg.data, InferenceLogged)
-                except InvalidEvent:
-                    continue
-                yield event
-    finally:
-        await sub.unsubscribe()
-        with contextlib.suppress(Exception):  # gone already: the inactivity threshold covers it
-            await js.delete_consumer(stream, info.name)
+    """The events of ``subject`` from ``since`` up to stream sequence ``last``, oldest first; a message that
+    does not decode was dead-lettered by the consumer: skipped."""
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
+    async with contextlib.aclosing(read_through(js, stream, subject, config, batch=256)) as messages:
+        async for msg in messages:
+            if msg.metadata.sequence.stream > last:
+                return  # aclosing: the consumer is deleted now, not when the generator is collected
+            with contextlib.suppress(InvalidEvent):
+                yield decode(msg.data, InferenceLogged)[1]
 
 
 def build(

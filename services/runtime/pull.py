@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import BadRequestError
 
-__all__ = ["PullConsumer", "ensure_consumer"]
+__all__ = ["PullConsumer", "ensure_consumer", "read_through"]
 
 _EXPIRES_S = 10.0  # a pull request lives this long at the server, then is renewed
 _HEARTBEAT_S = 2.0  # the server says it is alive this often while a request waits
@@ -39,6 +40,39 @@ async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerCon
                 f"consumer {config.durable_name} on {stream} filters {info.config.filter_subject!r}, "
                 f"not {config.filter_subject!r}: delete it (`nats consumer rm`) or choose another durable"
             ) from None
+
+
+async def read_through(
+    js: JetStreamContext, stream: str, subject: str, config: ConsumerConfig, *, batch: int = 512
+) -> AsyncGenerator[Msg, None]:
+    """The messages of ``subject`` that ``config`` selects (its deliver policy), oldest first, up to the
+    newest one there when the read began: an ephemeral consumer that acks nothing, deleted at the end.
+
+    nats-py's ``watchall()`` and ``keys()`` mark the end from a consumer-info snapshot taken while the server
+    already pushes messages; on a busy machine that marker can come first and a listing ends empty. A pull
+    consumer delivers nothing until asked, so the pending count it reports is exact, and the read ends when a
+    message says none is left.
+    """
+    config = dataclasses.replace(
+        config,
+        ack_policy=AckPolicy.NONE,
+        inactive_threshold=60.0,  # the server removes it should this task die before the delete
+        mem_storage=True,
+    )
+    sub = await js.pull_subscribe(subject, stream=stream, config=config)
+    name = None
+    try:
+        info = await sub.consumer_info()
+        name, remaining = info.name, info.num_pending or 0
+        while remaining > 0:
+            for msg in await sub.fetch(min(remaining, batch), timeout=10):
+                remaining = msg.metadata.num_pending
+                yield msg
+    finally:
+        await sub.unsubscribe()
+        if name is not None:
+            with contextlib.suppress(Exception):  # gone already: the inactivity threshold covers it
+                await js.delete_consumer(stream, name)
 
 
 class PullConsumer:
