@@ -10,7 +10,10 @@ image statistics, a reference profile in the trainer's layout):
 - agreement of each test's verdict with a reference implementation on the same windows (half of them
   shifted): scipy's ``ks_2samp`` for KS; a plain formula for PSI; for MMD, alibi-detect's ``MMDDrift``
   (PyTorch backend) when it is importable (``--alibi-python`` names an interpreter that has it), else an
-  independent loop over the permutations.
+  independent loop over the permutations;
+- the read-back after a restart (a real nats-server): ``--readback-batches`` acked batches of 100 samples in
+  the inference stream, all but the last 900 samples in a window KV says is closed; the time
+  ``MonitorService.recover`` takes to read them back and rebuild the open window.
 
 Run: ``.venv/bin/python bench/monitor.py`` (``make bench``).
 """
@@ -29,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from contracts.events import ImageStats, InferenceSample
-from contracts.kv import DriftPolicy
+from contracts.kv import DriftPolicy, ModelPolicy
 from services.monitor.drift import Reference, evaluate
 from services.monitor.windows import STAT_FEATURES, Window
 
@@ -227,6 +231,66 @@ def agreement(rng: np.random.Generator, windows: int, alibi_python: str | None) 
     }
 
 
+async def readback(rng: np.random.Generator, batches: int) -> dict[str, Any]:
+    """Seconds to rebuild the open window after a restart, from ``batches`` acked batches of 100 samples."""
+    import asyncio
+
+    from contracts.events import InferenceLogged
+    from deploy.local.natsconf import ADMIN_USER
+    from services.monitor.app import build
+    from services.monitor.config import MonitorSettings
+    from services.monitor.state import VersionRecord, WindowSummary
+    from services.runtime.bus import EventBus
+    from services.runtime.config import Settings
+    from tests.servers import run_nats
+
+    with tempfile.TemporaryDirectory() as tmp, run_nats(Path(tmp)) as server:
+        await server.provision("bench", inference_max_bytes=2 * 1024**3)
+        common: dict[str, Any] = {"subject_prefix": "bench", "nats_url": server.url, "state_dir": Path(tmp)}
+        admin = EventBus(
+            Settings(
+                **common, service="bench", nats_user=ADMIN_USER, nats_password=server.passwords[ADMIN_USER]
+            )
+        )
+        await admin.broker.connect()
+        # one window holds every batch while the monitor first reads them (none closes: no profile needed)
+        policy = ModelPolicy(model="m", drift=DriftPolicy(window_size=10**7, window_seconds=3600))
+        await (await admin.js.key_value(admin.subjects.kv.policy)).put("m", policy.model_dump_json().encode())
+        settings = MonitorSettings(**common, nats_user="monitor", nats_password=server.passwords["monitor"])
+        _, service = build(settings)
+        closed_end = None
+        for i in range(batches):
+            batch = samples(rng, 100)
+            await admin.publish(InferenceLogged(model="m", batch_id=f"b{i}", sample_rate=1.0, samples=batch))
+            if i == batches - 10:
+                closed_end = batch[0].time  # all but the last 9 batches are in a closed window
+            await asyncio.sleep(0.001 if i < batches - 10 else 0.02)  # later samples, later times
+        await service.bus.prepare()  # the monitor's own connection; it reads and acks every batch
+        await service.bus.start_consumers()
+        stream = settings.subjects.inference_stream
+        deadline = time.monotonic() + 600
+        while (await admin.js.consumer_info(stream, service.consumer.durable)).num_ack_pending or (
+            await admin.js.consumer_info(stream, service.consumer.durable)
+        ).num_pending:
+            assert time.monotonic() < deadline, "the monitor did not consume the batches"
+            await asyncio.sleep(0.2)
+        await service.bus.stop_consumers()
+        summary = WindowSummary(end=closed_end, closed_at=datetime.now(UTC), samples=1000, outcome="clear")
+
+        def closed(record: Any) -> None:
+            record.versions[1] = VersionRecord(windows=[summary], closed=1)
+
+        await service.monitor.state.update("m", closed)
+        service.monitor.windows.clear()  # what a restart leaves
+        started = time.perf_counter()
+        await service.recover()
+        seconds = time.perf_counter() - started
+        rebuilt = {f"{m}@{v}": w.count for (m, v), w in service.monitor.windows.items()}
+        await service.bus.broker.stop()
+        await admin.broker.stop()
+    return {"batches": batches, "samples": batches * 100, "seconds": round(seconds, 2), "rebuilt": rebuilt}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -237,6 +301,9 @@ def main() -> None:
     )
     parser.add_argument("--windows", type=int, default=20, help="windows compared with the references")
     parser.add_argument("--alibi-python", help="a Python interpreter with alibi-detect installed")
+    parser.add_argument(
+        "--readback-batches", type=int, default=1000, help="acked batches of 100 samples to read back"
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     reference = Reference.from_profile(profile(rng))
@@ -250,8 +317,14 @@ def main() -> None:
     result["target_memory_mb"] = 200
     progress(f"verdict agreement on {args.windows} windows")
     result["agreement"] = agreement(rng, args.windows, args.alibi_python)
+    progress(f"read-back after a restart: {args.readback_batches} batches of 100 samples")
+    import asyncio
+
+    result["readback"] = asyncio.run(readback(rng, args.readback_batches))
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
+    # The monitor's log lines (the read-back) go to stderr with the progress lines; stdout carries the JSON.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     main()
