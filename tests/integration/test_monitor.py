@@ -75,16 +75,21 @@ async def send(bus: EventBus, model: str, samples: list, feedback: list | None =
     )
 
 
-async def test_held_out_traffic_stays_quiet_and_every_shift_is_detected(world, trained):
-    settings, bus, seen = world
+async def windowed(bus: EventBus, trained: Any) -> tuple[str, int, traffic.Traffic, list[bytes]]:
+    """The trained model with windows of ``WINDOW`` samples, no cooldown; its traffic; held-out images."""
     event, local = trained
-    model, version = event.model, event.version
     await apply(
-        bus, ModelPolicy(model=model, drift=DriftPolicy(window_size=WINDOW, min_samples=100, cooldown_s=0))
+        bus,
+        ModelPolicy(model=event.model, drift=DriftPolicy(window_size=WINDOW, min_samples=100, cooldown_s=0)),
     )
-    live = traffic.Traffic(local, version)
     held_out = [data for _, data in traffic.held_out("test")]
     assert len(held_out) >= WINDOW
+    return event.model, event.version, traffic.Traffic(local, event.version), held_out
+
+
+async def test_held_out_traffic_stays_quiet_and_every_shift_is_detected(world, trained):
+    settings, bus, seen = world
+    model, version, live, held_out = await windowed(bus, trained)
     rng = random.Random(7)
     state = MonitorState(lambda: bus.js, bus.subjects.kv.monitor)
 
@@ -143,7 +148,7 @@ async def test_held_out_traffic_stays_quiet_and_every_shift_is_detected(world, t
     # Each window's statistics are MLflow metrics on the version's run: drift over time.
     from mlflow import MlflowClient
 
-    history = MlflowClient(settings.mlflow_url).get_metric_history(event.run_id, "drift.ks.mean")
+    history = MlflowClient(settings.mlflow_url).get_metric_history(trained[0].run_id, "drift.ks.mean")
     assert len(history) >= 29 and sorted(m.step for m in history)[-1] >= 29
 
 
@@ -151,13 +156,8 @@ async def test_a_restart_loses_none_of_the_open_window(world, trained):
     """The samples of the window open at a restart come back from the inference stream before the consumer
     starts: the window closes with all of them, and the samples of the window closed before count once."""
     settings, bus, _ = world
-    event, local = trained
-    model, version = event.model, event.version
-    await apply(
-        bus, ModelPolicy(model=model, drift=DriftPolicy(window_size=WINDOW, min_samples=100, cooldown_s=0))
-    )
-    live = traffic.Traffic(local, version)
-    held_out = [data for _, data in traffic.held_out("test")][:WINDOW]
+    model, version, live, held_out = await windowed(bus, trained)
+    held_out = held_out[:WINDOW]
     state = MonitorState(lambda: bus.js, bus.subjects.kv.monitor)
     stream = bus.subjects.inference_stream
     loop = asyncio.get_running_loop()
