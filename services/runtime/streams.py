@@ -168,13 +168,13 @@ async def ensure_streams(
         created = True
     # The gateway writes images without waiting for acks (services/serving/gateway/kept.py): when full,
     # the store drops its oldest predictions rather than refusing the newest ones. Its limits are the
-    # inference stream's.
-    stream = f"OBJ_{subjects.predictions_store}"
-    config = (await js.stream_info(stream)).config
-    wanted = dataclasses.replace(
-        config, discard=DiscardPolicy.OLD, max_bytes=inference_max_bytes, max_age=inference_max_age_s
-    )
-    if (update or created) and wanted != config:
-        await js.update_stream(wanted)
+    # inference stream's. A service that found the store leaves it as it is, and reads nothing more.
+    if update or created:
+        config = (await js.stream_info(f"OBJ_{subjects.predictions_store}")).config
+        wanted = dataclasses.replace(
+            config, discard=DiscardPolicy.OLD, max_bytes=inference_max_bytes, max_age=inference_max_age_s
+        )
+        if wanted != config:
+            await js.update_stream(wanted)
     names.append(subjects.predictions_store)
     return names
