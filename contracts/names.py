@@ -15,15 +15,19 @@ from pydantic import AfterValidator, Field
 
 __all__ = [
     "CONTROL_FAMILIES",
+    "MINIO_DURABLE",
     "NAME_PATTERN",
     "SERVICES",
+    "SERVICE_CONSUMES",
     "SERVICE_PUBLISHES",
     "KVBuckets",
     "ModelRef",
     "Name",
     "StreamSpec",
     "Subjects",
+    "durable_name",
     "event_id",
+    "service_durables",
     "validate_name",
     "validate_prefix",
 ]
@@ -45,12 +49,36 @@ SERVICE_PUBLISHES: dict[str, tuple[str, ...]] = {
     "monitor": ("drift.detected", "drift.cleared", "canary.verdict"),
 }
 
+# Which event types each service consumes, each through one durable consumer (``durable_name``). The NATS
+# permissions are built from this too: no other service may read, ack, create or delete a service's durables.
+SERVICE_CONSUMES: dict[str, tuple[str, ...]] = {
+    "ingest": (),
+    "trainer": ("dataset.versioned", "train.requested", "drift.detected"),
+    "registry": ("model.trained", "model.deployed", "model.deploy_failed", "canary.verdict"),
+    "serving": ("model.promoted", "model.rolled_back"),
+    "monitor": ("inference.logged",),
+}
+MINIO_DURABLE = "ingest-minio"  # ingest's consumer of MinIO's bucket notifications (not Conveyor events)
+_RAW_DURABLES: dict[str, tuple[str, ...]] = {"ingest": (MINIO_DURABLE,)}
+
 # First tokens of the control event types; every one of them lives on the control stream.
 CONTROL_FAMILIES = ("dataset", "train", "model", "drift", "canary")
 INFERENCE_FAMILY = "inference"
 
 # Fixed namespace so that an event id depends only on the business key, in every process and release.
 _EVENT_NAMESPACE = uuid.UUID("6f1c5d2e-8c1a-4c7e-9f3b-2a9e1d4b7c10")
+
+
+def durable_name(service: str, event_type: str) -> str:
+    """The durable consumer through which ``service`` consumes ``event_type``: ``<service>-<type>``, one
+    NATS token (replicas share it, so they share the work)."""
+    return f"{service}-{event_type.replace('.', '-')}"
+
+
+def service_durables(service: str) -> tuple[str, ...]:
+    """Every durable consumer ``service`` owns: one per consumed event type, and its raw ones."""
+    own = (durable_name(service, event_type) for event_type in SERVICE_CONSUMES.get(service, ()))
+    return (*own, *_RAW_DURABLES.get(service, ()))
 
 
 def validate_name(value: str) -> str:

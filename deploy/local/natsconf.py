@@ -3,9 +3,10 @@
 Each service may publish only its own events (``contracts.names.SERVICE_PUBLISHES``), its own dead letters,
 and what JetStream needs to consume (API requests, acks, inboxes). Of the JetStream API a service may not
 create, update, delete or purge a stream, delete a message, snapshot or restore, nor make server or cluster
-requests (``JS_API_DENIED``): a service reads the streams and manages its own consumers, while the streams'
-configuration and data are the operator's. The ``admin`` user (the CLI, operators, tests) may do everything;
-it provisions the streams (``conveyor up``, ``conveyor streams``).
+requests (``JS_API_DENIED``), nor touch another service's durable consumers (``durable_denied``): a service
+reads the streams and manages its own consumers, while the streams' configuration and data are the
+operator's. The ``admin`` user (the CLI, operators, tests) may do everything; it provisions the streams
+(``conveyor up``, ``conveyor streams``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contracts.names import SERVICE_PUBLISHES, SERVICES, Subjects
+from contracts.names import SERVICE_PUBLISHES, SERVICES, Subjects, service_durables
 
-__all__ = ["ADMIN_USER", "JS_API_DENIED", "NatsConfig", "render_server_config", "service_permissions"]
+__all__ = [
+    "ADMIN_USER",
+    "JS_API_DENIED",
+    "NatsConfig",
+    "durable_denied",
+    "render_server_config",
+    "service_permissions",
+]
 
 ADMIN_USER = "admin"
 
@@ -51,6 +59,21 @@ JS_API_DENIED = (
 )
 
 
+def durable_denied(durable: str) -> list[str]:
+    """Every request on the durable consumer ``durable`` of any stream: its creation, info, deletion, pause
+    and reset (``CONSUMER.<verb>.<stream>.<durable>``, a filter subject after it or not), the requests with
+    a two-token verb (``CONSUMER.MSG.NEXT``, ``CONSUMER.DURABLE.CREATE``), and the acks of what it delivered
+    (both of JetStream's ack subject formats). A durable name is one whole token, which NATS wildcards
+    match."""
+    return [
+        f"$JS.API.CONSUMER.*.*.{durable}",
+        f"$JS.API.CONSUMER.*.*.{durable}.>",
+        f"$JS.API.CONSUMER.*.*.*.{durable}",
+        f"$JS.ACK.*.{durable}.>",  # $JS.ACK.<stream>.<consumer>.<delivered>.<seqs>.<time>.<pending>
+        f"$JS.ACK.*.*.*.{durable}.>",  # $JS.ACK.<domain>.<account hash>.<stream>.<consumer>...
+    ]
+
+
 def service_permissions(
     service: str, subjects: Subjects, *, any_prefix: bool = False
 ) -> dict[str, dict[str, list[str]]]:
@@ -78,7 +101,18 @@ def service_permissions(
                 "$JS.ACK.>",  # acks, naks, in-progress
                 "_INBOX.>",  # replies to admin requests
             ],
-            "deny": list(JS_API_DENIED),
+            # Another service's durable consumers are its own: reading one would take its messages, an ack
+            # would lose one, a delete its delivery state (contracts.names.SERVICE_CONSUMES).
+            "deny": [
+                *JS_API_DENIED,
+                *(
+                    pattern
+                    for other in SERVICES
+                    if other != service
+                    for durable in service_durables(other)
+                    for pattern in durable_denied(durable)
+                ),
+            ],
         },
         "subscribe": {"allow": ["_INBOX.>", f"{p}.>"]},
     }

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from faststream.asgi import AsgiFastStream
 
+from contracts.names import MINIO_DURABLE
 from services.ingest.batcher import Batcher
 from services.ingest.config import IngestSettings
 from services.ingest.datarepo import DataRepo
@@ -63,7 +64,7 @@ class IngestService:
                 s.ingest_notify_subject,
                 lambda raw: (None, parse_minio_notification(raw)),
                 handler,
-                durable="ingest-minio",
+                durable=MINIO_DURABLE,
                 type_label="minio.notification",
                 max_in_flight=s.ingest_max_batch + 64,
             )

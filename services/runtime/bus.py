@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import SpanKind
 
 from contracts.envelope import Event, encode
+from contracts.names import durable_name
 from services.runtime.config import Settings
 from services.runtime.consumer import Consumer, Decoder, Handler, event_decoder
 from services.runtime.metrics import Metrics
@@ -162,7 +163,7 @@ class EventBus:
         messages one replica handles at once (1 for one-at-a-time work such as training). Consumers start
         with ``start()``.
         """
-        durable = durable or f"{self.settings.service}-{event_cls.type.replace('.', '-')}"
+        durable = durable or durable_name(self.settings.service, event_cls.type)
         consumer = Consumer(self, event_cls.type, event_decoder(event_cls), handler, durable)
         subject = self.subjects.event_filter(event_cls.type, name)
         self._consumers.append((consumer, self.subjects.stream_for(subject), subject, max_in_flight))

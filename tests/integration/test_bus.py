@@ -13,11 +13,11 @@ from typing import Any
 
 import nats
 import pytest
-from nats.js.api import StreamConfig
+from nats.js.api import ConsumerConfig, StreamConfig
 
 from contracts.events import DatasetVersioned, ModelPromoted, ModelTrained
 from contracts.examples import example_event
-from contracts.names import Subjects
+from contracts.names import Subjects, durable_name
 from services.runtime.bus import EventBus
 from services.runtime.config import Settings
 from services.runtime.consumer import Delivery
@@ -269,6 +269,55 @@ async def test_service_users_cannot_create_change_or_destroy_streams(
         await nc.close()
     after = await admin_bus.js.stream_info(stream)
     assert after.state.messages == 1 and after.config.max_age == info.config.max_age
+
+
+async def test_a_service_cannot_read_ack_create_or_delete_another_services_durable(
+    nats_server, service_settings, admin_bus
+):
+    """The registry's durable consumer is the registry's: the ingest user may neither take its messages,
+    ack one it delivered, delete it, recreate it nor read its state; it may read the stream through a
+    consumer of its own."""
+    durable = durable_name("registry", ModelTrained.type)
+    stream, subject = admin_bus.subjects.control_stream, admin_bus.subjects.event_filter(ModelTrained.type)
+    await admin_bus.publish(trained(1))
+    await admin_bus.publish(trained(2))  # what the ingest user's fetch would take
+    held = await admin_bus.js.pull_subscribe(subject, durable, stream=stream)
+    (delivered,) = await held.fetch(1, timeout=5)  # in flight, not acked: the ingest user tries to ack it
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    password = service_settings("ingest").nats_password.get_secret_value()
+    nc = await nats.connect(nats_server.url, user="ingest", password=password, error_cb=on_error)
+    try:
+        js = nc.jetstream(timeout=1)
+        with pytest.raises(nats.errors.TimeoutError):
+            await (await js.pull_subscribe_bind(durable, stream)).fetch(1, timeout=1)
+        await nc.publish(delivered.reply, b"+ACK")
+        config = ConsumerConfig(durable_name=durable, filter_subject=subject)
+        attempts = (
+            js.consumer_info(stream, durable),
+            js.delete_consumer(stream, durable),
+            js.add_consumer(stream, dataclasses.replace(config, name=durable)),
+            js.add_consumer(stream, config),  # nats-py's older request: CONSUMER.DURABLE.CREATE
+        )
+        for attempt in attempts:
+            with pytest.raises(nats.errors.Error):
+                await attempt
+        mine = await js.pull_subscribe(subject, stream=stream)  # an ephemeral consumer: reading is allowed
+        assert [m.data for m in await mine.fetch(1, timeout=5)] == [delivered.data]
+        await mine.unsubscribe()
+        await nc.flush()
+        refused = " ".join(str(e).lower() for e in errors if "permissions violation" in str(e).lower())
+        for verb in ("msg.next", "info", "delete", "create", "durable.create"):
+            assert f"$js.api.consumer.{verb}.{stream.lower()}.{durable}" in refused, verb
+        assert f'"{delivered.reply.lower()}"' in refused
+    finally:
+        await nc.close()
+    info = await admin_bus.js.consumer_info(stream, durable)
+    assert (info.num_ack_pending, info.num_pending) == (1, 1)
+    assert info.delivered.stream_seq == delivered.metadata.sequence.stream
 
 
 async def test_only_the_admin_user_provisions_the_streams(nats_server, tmp_path):

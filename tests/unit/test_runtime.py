@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import structlog
 from opentelemetry.sdk.trace import TracerProvider
 from pydantic import ValidationError
 
-from contracts.names import Subjects
+from contracts.names import Subjects, durable_name, service_durables
 from deploy.local.natsconf import NatsConfig, service_permissions
 from services.runtime.config import Settings
 from services.runtime.errors import InvalidEvent, PermanentError, TransientError, classify
@@ -107,7 +108,51 @@ def test_service_permissions_allow_only_own_events():
     denied = service_permissions("serving", subjects)["publish"]["deny"]
     assert "$JS.API.STREAM.DELETE.>" in denied and "$JS.API.STREAM.PURGE.>" in denied
     assert "$JS.API.STREAM.CREATE.>" in denied and "$JS.API.STREAM.UPDATE.>" in denied  # the admin's
-    assert not any(s.startswith(("$JS.API.CONSUMER.CREATE", "$JS.API.CONSUMER.DURABLE")) for s in denied)
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS's wildcards: ``*`` is one whole token, ``>`` one or more at the end."""
+    tokens = subject.split(".")
+    for i, token in enumerate(pattern.split(".")):
+        if token == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or token not in ("*", tokens[i]):
+            return False
+    return len(pattern.split(".")) == len(tokens)
+
+
+def test_a_service_may_use_its_own_consumers_and_ephemeral_ones_but_no_other_services_durables():
+    denied = service_permissions("serving", Subjects("conveyor"))["publish"]["deny"]
+
+    def refused(subject: str) -> bool:
+        return any(subject_matches(pattern, subject) for pattern in denied)
+
+    own, other, stream = "serving-model-promoted", "registry-model-trained", "CONVEYOR_EVENTS"
+    assert durable_name("registry", "model.trained") == other and other in service_durables("registry")
+    for durable, expected in ((own, False), (other, True), ("a1b2c3", False)):  # a1b2c3: an ephemeral
+        for subject in (
+            f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.conveyor.model.promoted.*",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
+            f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+            f"$JS.API.CONSUMER.DELETE.{stream}.{durable}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+            f"$JS.ACK.{stream}.{durable}.1.7.3.1765111111000000000.0",
+            f"$JS.ACK.hub.ACCHASH.{stream}.{durable}.1.7.3.1765111111000000000.0.rnd",
+        ):
+            assert refused(subject) is expected, subject
+    assert not refused(f"$JS.API.CONSUMER.CREATE.{stream}")  # an ephemeral the server names
+    assert not refused(f"$JS.API.CONSUMER.LIST.{stream}")
+
+
+@pytest.mark.parametrize("service", ["ingest", "trainer", "registry", "serving", "monitor"])
+def test_each_service_consumes_through_the_durables_its_permissions_reserve(service, tmp_path, monkeypatch):
+    """The deny lists come from ``SERVICE_CONSUMES``; a consumer added to a service but not declared there
+    would be open to every other service."""
+    monkeypatch.setenv("CONVEYOR_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("CONVEYOR_INGEST_TRIGGER", "minio")  # its raw durable too
+    _, built = importlib.import_module(f"services.{service}.app").build()
+    durables = sorted(consumer.durable for consumer, *_ in built.bus._consumers)
+    assert durables == sorted(service_durables(service))
 
 
 def test_nats_config_keeps_given_passwords_and_generates_the_rest(tmp_path):
