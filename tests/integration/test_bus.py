@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import nats
@@ -35,6 +36,26 @@ def handled(bus: EventBus, outcome: str, event_type: str = "model.trained") -> f
 
 def trained(version: int = 1) -> ModelTrained:
     return example_event(ModelTrained).model_copy(update={"version": version})
+
+
+@contextlib.asynccontextmanager
+async def logged_in_as(
+    service: str, nats_server: Any, service_settings: Callable[..., Settings]
+) -> AsyncIterator[tuple[nats.NATS, list[str]]]:
+    """A raw nats-py connection as ``service``'s user, and the permission violations NATS reports to it
+    (lower-cased; each names the subject it refused)."""
+    refused: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            refused.append(str(exc).lower())
+
+    password = service_settings(service).nats_password.get_secret_value()
+    nc = await nats.connect(nats_server.url, user=service, password=password, error_cb=on_error)
+    try:
+        yield nc, refused
+    finally:
+        await nc.close()
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -206,28 +227,14 @@ async def test_handler_result_is_published_as_the_next_event(service_settings):
 async def test_service_user_cannot_publish_outside_its_permissions(
     nats_server, service_settings, prefix, admin_bus
 ):
-    settings: Settings = service_settings("ingest")
-    errors: list[Exception] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(exc)
-
-    nc = await nats.connect(
-        nats_server.url,
-        user="ingest",
-        password=settings.nats_password.get_secret_value(),  # type: ignore[union-attr]
-        error_cb=on_error,
-    )
-    try:
+    async with logged_in_as("ingest", nats_server, service_settings) as (nc, refused):
         js = nc.jetstream()
         own = await js.publish(f"{prefix}.dataset.versioned.digits", b"{}", timeout=2)
         assert own.seq >= 1  # its own event type is allowed
         with pytest.raises(nats.errors.Error):
             await js.publish(f"{prefix}.model.promoted.digits", b"{}", timeout=1)
         await asyncio.sleep(0.2)
-        assert any("permissions violation" in str(e).lower() for e in errors)
-    finally:
-        await nc.close()
+        assert any(f'"{prefix}.model.promoted.digits"' in message for message in refused)
 
 
 async def test_service_users_cannot_create_change_or_destroy_streams(
@@ -237,14 +244,7 @@ async def test_service_users_cannot_create_change_or_destroy_streams(
     limits (which could drop what it holds) or destroy what a stream holds."""
     stream = admin_bus.settings.subjects.dlq_stream
     await admin_bus.js.publish(f"{prefix}.dlq.serving", b"a dead letter", timeout=2)
-    errors: list[Exception] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(exc)
-
-    password = service_settings("serving").nats_password.get_secret_value()
-    nc = await nats.connect(nats_server.url, user="serving", password=password, error_cb=on_error)
-    try:
+    async with logged_in_as("serving", nats_server, service_settings) as (nc, refused):
         js = nc.jetstream(timeout=1)
         info = await js.stream_info(stream)
         assert info.state.messages == 1  # reading is allowed
@@ -260,13 +260,10 @@ async def test_service_users_cannot_create_change_or_destroy_streams(
             with pytest.raises(nats.errors.Error):
                 await attempt
         await asyncio.sleep(0.2)
-        refused = [str(e).lower() for e in errors if "permissions violation" in str(e).lower()]
         verbs = ("update", "purge", "msg.delete", "delete")
         targets = (f"create.{prefix}_mine", *(f"{verb}.{stream.lower()}" for verb in verbs))
         for target, message in zip(targets, refused, strict=True):
             assert f'"$js.api.stream.{target}"' in message
-    finally:
-        await nc.close()
     after = await admin_bus.js.stream_info(stream)
     assert after.state.messages == 1 and after.config.max_age == info.config.max_age
 
@@ -283,14 +280,7 @@ async def test_a_service_cannot_read_ack_create_or_delete_another_services_durab
     await admin_bus.publish(trained(2))  # what the ingest user's fetch would take
     held = await admin_bus.js.pull_subscribe(subject, durable, stream=stream)
     (delivered,) = await held.fetch(1, timeout=5)  # in flight, not acked: the ingest user tries to ack it
-    errors: list[Exception] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(exc)
-
-    password = service_settings("ingest").nats_password.get_secret_value()
-    nc = await nats.connect(nats_server.url, user="ingest", password=password, error_cb=on_error)
-    try:
+    async with logged_in_as("ingest", nats_server, service_settings) as (nc, refused):
         js = nc.jetstream(timeout=1)
         with pytest.raises(nats.errors.TimeoutError):
             await (await js.pull_subscribe_bind(durable, stream)).fetch(1, timeout=1)
@@ -309,12 +299,10 @@ async def test_a_service_cannot_read_ack_create_or_delete_another_services_durab
         assert [m.data for m in await mine.fetch(1, timeout=5)] == [delivered.data]
         await mine.unsubscribe()
         await nc.flush()
-        refused = " ".join(str(e).lower() for e in errors if "permissions violation" in str(e).lower())
+        messages = " ".join(refused)
         for verb in ("msg.next", "info", "delete", "create", "durable.create"):
-            assert f"$js.api.consumer.{verb}.{stream.lower()}.{durable}" in refused, verb
-        assert f'"{delivered.reply.lower()}"' in refused
-    finally:
-        await nc.close()
+            assert f"$js.api.consumer.{verb}.{stream.lower()}.{durable}" in messages, verb
+        assert f'"{delivered.reply.lower()}"' in messages
     info = await admin_bus.js.consumer_info(stream, durable)
     assert (info.num_ack_pending, info.num_pending) == (1, 1)
     assert info.delivered.stream_seq == delivered.metadata.sequence.stream
