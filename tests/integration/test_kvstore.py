@@ -1,4 +1,5 @@
-"""Reading a whole KV bucket back from a real nats-server, as a service user, while it is being written."""
+"""NATS KV buckets on a real nats-server, as service users: read back in full while being written, and
+followed live."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from services.ingest.known import KnownObject, KnownObjects
 from services.runtime.bus import EventBus
+from services.serving.gateway.catalog import Followed
 
 pytestmark = pytest.mark.integration
 
@@ -34,3 +36,31 @@ async def test_a_bucket_is_read_back_in_full_without_its_deleted_keys(service_se
         # The readers clean up after themselves: no consumer is left on the bucket's stream.
         info = await bus.js.stream_info(f"KV_{bus.subjects.kv.ingest_objects}")
         assert info.state.consumer_count == 0
+
+
+async def test_a_followed_bucket_keeps_following_after_its_watch_consumer_is_deleted(
+    service_settings, admin_bus
+):
+    """Any service user may delete another's ephemeral consumers (README, Known gaps); the gateway's watch
+    of the rollout bucket makes itself a new one and goes on applying changes."""
+    bucket = admin_bus.subjects.kv.rollout
+    kv = await admin_bus.js.key_value(bucket)
+    await kv.put("cells", b"1")
+    async with (
+        EventBus(service_settings("serving")) as gateway,
+        EventBus(service_settings("ingest")) as other,
+    ):
+        followed = Followed(lambda: gateway.js, bucket, bytes)
+        await followed.start()
+        try:
+            assert followed.values == {"cells": b"1"}
+            (watch,) = await admin_bus.js.consumers_info(f"KV_{bucket}")
+            assert await other.js.delete_consumer(f"KV_{bucket}", watch.name)
+            await kv.put("cells", b"2")
+            async with asyncio.timeout(30):  # two missed heartbeats (5 s each), then a new consumer
+                while followed.values.get("cells") != b"2":
+                    await asyncio.sleep(0.1)
+            (renewed,) = await admin_bus.js.consumers_info(f"KV_{bucket}")
+            assert renewed.name != watch.name
+        finally:
+            await followed.stop()
