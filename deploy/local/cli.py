@@ -266,7 +266,10 @@ def status(
 
 @app.command()
 def demo() -> None:
-    """Start the stack if needed, upload scikit-learn's digits and show them become a dataset version."""
+    """Start the stack if needed and run the whole loop on scikit-learn's digits (a few minutes).
+
+    Upload, dataset version, training, gates, deployment, predictions through the gateway, drift, feedback
+    labels, retraining, and the canary that makes the new version champion."""
     settings = StackSettings()
     if running_supervisor(settings.pid_file) is None:
         _start(settings, None)

@@ -1,4 +1,4 @@
-"""``conveyor demo`` (``make demo``): the loop as far as it exists, on scikit-learn's digits.
+"""``conveyor demo`` (``make demo``): the whole loop on scikit-learn's digits.
 
 Start the stack, render the digits (shipped inside scikit-learn, no download) to PNG files, upload them to
 the incoming bucket like a user would, show ingest turning them into a dataset version, the trainer turning

@@ -66,8 +66,10 @@ def drift_command(settings_factory: Callable[[], Settings]) -> Callable[..., Non
         windows: int = typer.Option(5, "--windows", "-n", min=1, help="closed windows shown per version"),
         as_json: bool = typer.Option(False, "--json", help="print the monitor's whole state of the model"),
     ) -> None:
-        """Show a model's latest drift windows (each test's statistic, p-value and threshold), its canary
-        verdicts, and whether the trainer waits for labels after a drift."""
+        """Show a model's latest drift windows, its canary verdicts, and whether it waits for labels.
+
+        Each closed window lists every drift test's statistic, p-value and threshold; after a drift with no
+        newer labelled data, the trainer waits for labels (feedback) before it retrains."""
         try:
             validate_name(model)
         except ValueError as exc:
