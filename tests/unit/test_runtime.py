@@ -10,7 +10,7 @@ import structlog
 from opentelemetry.sdk.trace import TracerProvider
 from pydantic import ValidationError
 
-from contracts.names import Subjects, durable_name, service_durables
+from contracts.names import SERVICES, Subjects, durable_name, service_durables
 from deploy.local.natsconf import NatsConfig, service_permissions
 from services.runtime.config import Settings
 from services.runtime.errors import InvalidEvent, PermanentError, TransientError, classify
@@ -144,7 +144,7 @@ def test_a_service_may_use_its_own_consumers_and_ephemeral_ones_but_no_other_ser
     assert not refused(f"$JS.API.CONSUMER.LIST.{stream}")
 
 
-@pytest.mark.parametrize("service", ["ingest", "trainer", "registry", "serving", "monitor"])
+@pytest.mark.parametrize("service", SERVICES)
 def test_each_service_consumes_through_the_durables_its_permissions_reserve(service, tmp_path, monkeypatch):
     """The deny lists come from ``SERVICE_CONSUMES``; a consumer added to a service but not declared there
     would be open to every other service."""
