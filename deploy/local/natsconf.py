@@ -99,6 +99,7 @@ def service_permissions(
                 f"{p}.dlq.{service}",
                 "$JS.API.>",  # stream/consumer info, consumer creation, pull requests, KV reads
                 "$JS.ACK.>",  # acks, naks, in-progress
+                "$JS.FC.>",  # flow-control replies of push consumers (KV watches): without, a watch stalls
                 "_INBOX.>",  # replies to admin requests
             ],
             # Another service's durable consumers are its own: reading one would take its messages, an ack

@@ -64,3 +64,23 @@ async def test_a_followed_bucket_keeps_following_after_its_watch_consumer_is_del
             assert renewed.name != watch.name
         finally:
             await followed.stop()
+
+
+async def test_a_watch_gets_every_update_however_many_bytes_it_has_delivered(service_settings, admin_bus):
+    """A KV watch is a push consumer with flow control: past about 2 MB delivered it waits for the
+    service's flow-control reply, which the service user must be allowed to send, or the watch stops
+    for good (the gateway would no longer see rollout changes)."""
+    bucket = admin_bus.subjects.kv.rollout
+    kv = await admin_bus.js.key_value(bucket)
+    async with EventBus(service_settings("serving")) as gateway:
+        followed = Followed(lambda: gateway.js, bucket, bytes)
+        await followed.start()
+        try:
+            value = bytes(100 * 1024)
+            for i in range(60):  # 6 MB
+                await kv.put(f"m{i % 5}", value + str(i).encode())
+            async with asyncio.timeout(20):
+                while not followed.values.get("m4", b"").endswith(b"59"):
+                    await asyncio.sleep(0.05)
+        finally:
+            await followed.stop()
