@@ -27,6 +27,7 @@ __all__ = [
     "Subjects",
     "durable_name",
     "event_id",
+    "inbox_prefix",
     "service_durables",
     "validate_name",
     "validate_prefix",
@@ -79,6 +80,13 @@ def service_durables(service: str) -> tuple[str, ...]:
     """Every durable consumer ``service`` owns: one per consumed event type, and its raw ones."""
     own = (durable_name(service, event_type) for event_type in SERVICE_CONSUMES.get(service, ()))
     return (*own, *_RAW_DURABLES.get(service, ()))
+
+
+def inbox_prefix(user: str | None) -> str:
+    """Where the replies and deliveries of a NATS user's connections arrive: ``_INBOX_<user>``. A service's
+    user may subscribe to its own only, so no service reads another's replies, nor learns the inboxes that
+    a push consumer could be pointed at."""
+    return f"_INBOX_{user}" if user else "_INBOX"
 
 
 def validate_name(value: str) -> str:

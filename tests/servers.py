@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from minio import Minio
 
-from contracts.names import SERVICES, Subjects
+from contracts.names import SERVICES, Subjects, inbox_prefix
 from deploy.local.builders import BUCKETS, mlflow_part, nats_part, s3_part, triton_part
 from deploy.local.natsconf import ADMIN_USER
 from deploy.local.parts import Part, check_ports, free_port, spawn, stop_process, wait_healthy
@@ -80,7 +80,12 @@ class NatsServer:
 
     def connect_kwargs(self, user: str = ADMIN_USER) -> dict[str, Any]:
         """Keyword arguments for ``nats.connect`` as ``user``."""
-        return {"servers": [self.url], "user": user, "password": self.passwords[user]}
+        return {
+            "servers": [self.url],
+            "user": user,
+            "password": self.passwords[user],
+            "inbox_prefix": inbox_prefix(user),  # a service user may subscribe to its own inbox only
+        }
 
     async def provision(self, prefix: str, *, inference_max_bytes: int = 16 * 1024**2) -> list[str]:
         """The streams, KV buckets and object store of ``prefix`` (with MinIO's notification stream on

@@ -140,10 +140,15 @@ def tail(
         seen = 0
         done = asyncio.Event()
         pattern = subject or Subjects(s.subject_prefix).all_events
+        tokens = pattern.split(".")
+        # A plain subscription to one literal subject would let any user's push consumer deliver there
+        # (see deploy.local.natsconf); a wildcard one does not, so a literal subject is filtered here.
+        literal = pattern if "*" not in tokens and ">" not in tokens else None
+        listened = ".".join([*tokens[:-1], "*"]) if literal else pattern
 
         async def show(msg: Any) -> None:
             nonlocal seen
-            if msg.subject.startswith(("$", "_INBOX")):
+            if msg.subject.startswith(("$", "_INBOX")) or (literal and msg.subject != literal):
                 return
             if raw_json:
                 print(msg.data.decode(errors="replace"), flush=True)
@@ -153,7 +158,7 @@ def tail(
             if count and seen >= count:
                 done.set()
 
-        await nc.subscribe(pattern, cb=show)
+        await nc.subscribe(listened, cb=show)
         await nc.flush()
         if not raw_json:
             console.print(f"[dim]listening on {pattern} (Ctrl-C to stop)[/]")

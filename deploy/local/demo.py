@@ -85,12 +85,15 @@ class Watcher:
         self.nc = await nats.connect(**self.settings.admin_connect_kwargs())  # type: ignore[arg-type]
         kinds = (DatasetVersioned, ModelTrained, ModelTrainingFailed, ModelPromoted, ModelRejected)
         for cls in (*kinds, ModelDeployed, ModelDeployFailed, DriftDetected, CanaryVerdict, ModelRolledBack):
-            subject = self.settings.subjects.event(cls.type, DATASET)
+            # Every name, filtered in _got: a plain subscription to one literal subject would let any
+            # user's push consumer deliver there (deploy.local.natsconf).
+            subject = self.settings.subjects.event_filter(cls.type)
             await self.nc.subscribe(subject, cb=functools.partial(self._got, cls))
         await self.nc.flush()
 
     async def _got(self, cls: type[Event], msg: Any) -> None:
-        self.queue.put_nowait(decode(msg.data, cls)[1])
+        if msg.subject == self.settings.subjects.event(cls.type, DATASET):
+            self.queue.put_nowait(decode(msg.data, cls)[1])
 
     async def next(self, kinds: tuple[type[Event], ...], timeout: float) -> Event | None:
         deadline = time.monotonic() + timeout

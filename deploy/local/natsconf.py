@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contracts.names import SERVICE_PUBLISHES, SERVICES, Subjects, service_durables
+from contracts.names import SERVICE_PUBLISHES, SERVICES, Subjects, inbox_prefix, service_durables
 
 __all__ = [
     "ADMIN_USER",
@@ -53,6 +53,8 @@ JS_API_DENIED = (
     "$JS.API.STREAM.PEER.>",
     "$JS.API.STREAM.LEADER.>",
     "$JS.API.CONSUMER.LEADER.>",
+    "$JS.API.CONSUMER.LIST.>",  # the list shows each push consumer's deliver subject: another's inbox
+    "$JS.API.CONSUMER.NAMES.>",
     "$JS.API.ACCOUNT.>",
     "$JS.API.META.>",
     "$JS.API.SERVER.>",
@@ -100,7 +102,6 @@ def service_permissions(
                 "$JS.API.>",  # stream/consumer info, consumer creation, pull requests, KV reads
                 "$JS.ACK.>",  # acks, naks, in-progress
                 "$JS.FC.>",  # flow-control replies of push consumers (KV watches): without, a watch stalls
-                "_INBOX.>",  # replies to admin requests
             ],
             # Another service's durable consumers are its own: reading one would take its messages, an ack
             # would lose one, a delete its delivery state (contracts.names.SERVICE_CONSUMES).
@@ -115,7 +116,11 @@ def service_permissions(
                 ),
             ],
         },
-        "subscribe": {"allow": ["_INBOX.>", f"{p}.>"]},
+        # Its own inbox only (``inbox_prefix``): no service reads another's replies or deliveries. Nor may
+        # it subscribe to event subjects: JetStream delivers a push consumer's messages to any subject that
+        # has a plain subscriber, without checking that the consumer's creator may publish there, so such a
+        # subscription plus a push consumer would let a service forge another's events.
+        "subscribe": {"allow": [f"{inbox_prefix(service)}.>"]},
     }
 
 

@@ -78,14 +78,9 @@ def drift_command(settings_factory: Callable[[], Settings]) -> Callable[..., Non
         s = settings_factory()
 
         async def read() -> tuple[ModelRecord, ModelState]:
-            password = s.nats_password.get_secret_value() if s.nats_password else None
             try:
                 nc = await nats.connect(
-                    s.nats_url,
-                    user=s.nats_user,
-                    password=password,
-                    connect_timeout=3,
-                    max_reconnect_attempts=0,
+                    **s.nats_connect_kwargs(), connect_timeout=3, max_reconnect_attempts=0
                 )
             except Exception as exc:
                 err.print(

@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import SpanKind
 
 from contracts.envelope import Event, encode
-from contracts.names import durable_name
+from contracts.names import durable_name, inbox_prefix
 from services.runtime.config import Settings
 from services.runtime.consumer import Consumer, Decoder, Handler, event_decoder
 from services.runtime.metrics import Metrics
@@ -56,6 +56,7 @@ def make_broker(settings: Settings, **kwargs: Any) -> NatsBroker:
         settings.nats_url,
         name=f"conveyor-{settings.service}",
         security=security,
+        inbox_prefix=inbox_prefix(settings.nats_user),
         apply_types=False,
         logger=kwargs.pop("logger", None),
         max_reconnect_attempts=-1,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contracts.names import Subjects, validate_prefix
+from contracts.names import Subjects, inbox_prefix, validate_prefix
 
 __all__ = ["LOCAL_DEFAULT_SECRETS", "NATS_SAFE_PASSWORD", "Settings"]
 
@@ -100,3 +100,13 @@ class Settings(BaseSettings):
     @property
     def subjects(self) -> Subjects:
         return Subjects(self.subject_prefix)
+
+    def nats_connect_kwargs(self) -> dict[str, Any]:
+        """``nats.connect`` keywords: the server, this user's credentials and its inbox prefix."""
+        password = self.nats_password.get_secret_value() if self.nats_password else None
+        return {
+            "servers": [self.nats_url],
+            "user": self.nats_user,
+            "password": password,
+            "inbox_prefix": inbox_prefix(self.nats_user),
+        }

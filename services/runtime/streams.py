@@ -59,10 +59,15 @@ def notification_stream(subjects: Subjects) -> str:
 
 
 def notification_stream_config(subjects: Subjects, subject: str, *, replicas: int = 1) -> StreamConfig:
+    """The stream of MinIO's notifications on ``subject``. It takes the subject's siblings too
+    (``<prefix>.minio.*``): a stream of one literal subject counts as a subscriber of it, so a push
+    consumer any user may create could deliver into it (JetStream does not check the consumer creator's
+    publish rights on its deliver subject); a wildcard stream does not."""
+    parent, dot, _ = subject.rpartition(".")
     return StreamConfig(
         name=notification_stream(subjects),
         description="MinIO bucket notifications for ingest",
-        subjects=[subject],
+        subjects=[f"{parent}.*" if dot else subject],
         storage=StorageType.FILE,
         max_age=7 * 24 * 3600,
         num_replicas=replicas,

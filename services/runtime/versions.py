@@ -6,8 +6,6 @@ and `conveyor train DATASET`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -20,14 +18,7 @@ __all__ = ["read_versions"]
 
 async def read_versions(settings: Settings, dataset: str = "*") -> list[DatasetVersioned]:
     """Every announced version (of one dataset or all), oldest first, from the control stream."""
-    connect: dict[str, Any] = {
-        "servers": [settings.nats_url],
-        "connect_timeout": 3,
-        "max_reconnect_attempts": 0,
-    }
-    if settings.nats_user:
-        connect |= {"user": settings.nats_user, "password": settings.nats_password.get_secret_value()}  # type: ignore[union-attr]
-    nc = await nats.connect(**connect)
+    nc = await nats.connect(**settings.nats_connect_kwargs(), connect_timeout=3, max_reconnect_attempts=0)
     try:
         js = nc.jetstream()
         subject = settings.subjects.event_filter(DatasetVersioned.type, dataset)

@@ -16,15 +16,16 @@ import nats
 import pytest
 from nats.js.api import ConsumerConfig, StreamConfig
 
+from contracts.envelope import encode
 from contracts.events import DatasetVersioned, ModelPromoted, ModelTrained
 from contracts.examples import example_event
-from contracts.names import Subjects, durable_name
+from contracts.names import Subjects, durable_name, inbox_prefix
 from services.runtime.bus import EventBus
 from services.runtime.config import Settings
 from services.runtime.consumer import Delivery
 from services.runtime.deadletters import list_dead_letters, replay
 from services.runtime.errors import PermanentError
-from services.runtime.streams import NotProvisioned
+from services.runtime.streams import NotProvisioned, notification_stream
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,13 @@ async def logged_in_as(
             refused.append(str(exc).lower())
 
     password = service_settings(service).nats_password.get_secret_value()
-    nc = await nats.connect(nats_server.url, user=service, password=password, error_cb=on_error)
+    nc = await nats.connect(
+        nats_server.url,
+        user=service,
+        password=password,
+        inbox_prefix=inbox_prefix(service),
+        error_cb=on_error,
+    )
     try:
         yield nc, refused
     finally:
@@ -308,6 +315,37 @@ async def test_a_service_cannot_read_ack_create_or_delete_another_services_durab
     assert info.delivered.stream_seq == delivered.metadata.sequence.stream
 
 
+async def test_a_service_cannot_have_jetstream_deliver_a_forged_event(
+    nats_server, service_settings, prefix, admin_bus
+):
+    """JetStream delivers a push consumer's messages to any subject with a plain subscriber, or with a
+    stream of that one literal subject, without checking the consumer creator's publish rights there
+    (nats-server#8274). The trainer writes its own KV bucket, so it could have a forged ``model.promoted``
+    delivered from it. It cannot: it may subscribe to its own inbox only and list no consumers (which
+    would show other services' inboxes), and MinIO's notification stream takes a wildcard subject."""
+    subjects = admin_bus.subjects
+    bucket = f"KV_{subjects.kv.trainer}"
+    promoted = subjects.event(ModelPromoted.type, "digits")  # the registry's event
+    notified = f"{prefix}.minio.events"  # MinIO's
+    async with logged_in_as("trainer", nats_server, service_settings) as (nc, refused):
+        js = nc.jetstream(timeout=1)
+        _, forged = encode(example_event(ModelPromoted), "conveyor/registry")
+        await (await js.key_value(subjects.kv.trainer)).put("digits", forged)
+        for subject in (promoted, "_INBOX.>", f"{inbox_prefix('registry')}.>"):
+            await nc.subscribe(subject)
+        with pytest.raises(nats.errors.Error):
+            await js.consumers_info(bucket)
+        for subject in (promoted, notified):  # JetStream lets it make these
+            await js.add_consumer(bucket, ConsumerConfig(deliver_subject=subject))
+        await asyncio.sleep(2)
+        messages = " ".join(refused)
+        for subject in (promoted, "_inbox.>", "_inbox_registry.>"):
+            assert f'subscription to "{subject}"' in messages, subject
+        assert f"$js.api.consumer.list.{bucket.lower()}" in messages
+    for stream in (subjects.control_stream, notification_stream(subjects)):
+        assert (await admin_bus.js.stream_info(stream)).state.messages == 0, stream
+
+
 async def test_only_the_admin_user_provisions_the_streams(nats_server, tmp_path):
     """A service on a prefix nobody provisioned stops, saying what to run; `conveyor streams` (as admin)
     makes the streams, MinIO's too with the minio trigger; then the service starts and leaves their limits
@@ -358,7 +396,7 @@ async def test_only_the_admin_user_provisions_the_streams(nats_server, tmp_path)
             != trainer.inference_max_bytes
         )
         minio = await bus.js.stream_info(f"{fresh.upper()}_MINIO")
-        assert minio.config.subjects == [f"{fresh}.minio.events"]
+        assert minio.config.subjects == [f"{fresh}.minio.*"]  # no single literal subject: see streams.py
 
 
 async def test_dataset_event_filter_by_name(service_settings):

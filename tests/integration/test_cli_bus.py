@@ -86,16 +86,23 @@ async def test_dead_letter_listed_and_replayed_through_the_cli(service_settings,
     assert missing.returncode == 2 and "no dead letter" in missing.stdout
 
 
-async def test_events_tail_prints_events_live(service_settings, admin_bus, conveyor):
-    tail = asyncio.create_task(asyncio.to_thread(conveyor, "events", "tail", "--json", "--count", "1"))
+@pytest.mark.parametrize("literal", [False, True])
+async def test_events_tail_prints_events_live(service_settings, admin_bus, conveyor, prefix, literal):
+    """Every event by default; with one literal subject (listened to through a wildcard), only its own."""
+    args = ("events", "tail", "--json", "--count", "1")
+    if literal:
+        args += (f"{prefix}.model.trained.digits",)
+    tail = asyncio.create_task(asyncio.to_thread(conveyor, *args))
     published = set()
     async with EventBus(service_settings("trainer")) as trainer:
         # It shows what is published once it has subscribed: publish until it has shown one (however long
-        # the CLI takes to start on a busy machine).
+        # the CLI takes to start on a busy machine); with the literal subject, a "cells" event before each.
         for version in range(1, 120):
             if tail.done():
                 break
             event = example_event(ModelTrained).model_copy(update={"version": version})
+            if literal:
+                await trainer.publish(event.model_copy(update={"model": "cells"}))
             await trainer.publish(event)
             published.add(event.event_id())
             await asyncio.sleep(0.25)

@@ -28,7 +28,7 @@ import pytest
 
 from contracts.events import DatasetVersioned
 from contracts.kv import RolloutPolicy
-from contracts.names import SERVICES, Subjects
+from contracts.names import SERVICES, Subjects, inbox_prefix
 from deploy.compose import envfile
 from deploy.compose.natsconf import NOTIFIER_USER, password_variable
 from deploy.local.natsconf import ADMIN_USER
@@ -58,6 +58,8 @@ class ProductionNats:
         self.url, self.passwords = url, passwords
 
     async def connect(self, user: str, **kwargs: Any) -> nats.NATS:
+        if user in SERVICES:  # a service user may subscribe to its own inbox only
+            kwargs.setdefault("inbox_prefix", inbox_prefix(user))
         return await nats.connect(self.url, user=user, password=self.passwords[user], **kwargs)
 
 
