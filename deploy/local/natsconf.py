@@ -1,12 +1,13 @@
 """The nats-server configuration of the embedded stack: JetStream on, one user per service.
 
 Each service may publish only its own events (``contracts.names.SERVICE_PUBLISHES``), its own dead letters,
-and what JetStream needs to consume (API requests, acks, inboxes). Of the JetStream API a service may not
-create, update, delete or purge a stream, delete a message, snapshot or restore, nor make server or cluster
-requests (``JS_API_DENIED``), nor touch another service's durable consumers (``durable_denied``): a service
-reads the streams and manages its own consumers, while the streams' configuration and data are the
-operator's. The ``admin`` user (the CLI, operators, tests) may do everything; it provisions the streams
-(``conveyor up``, ``conveyor streams``).
+and what JetStream needs to consume (API requests, acks, flow-control replies), and may subscribe to its
+own inbox only (``_INBOX_<service>``). Of the JetStream API a service may not create, update, delete or
+purge a stream, delete a message, snapshot or restore, list consumers, nor make server or cluster requests
+(``JS_API_DENIED``), nor touch another service's durable consumers (``durable_denied``): a service reads the
+streams and manages its own consumers, while the streams' configuration and data are the operator's. The
+``admin`` user (the CLI, operators, tests) may do everything; it provisions the streams (``conveyor up``,
+``conveyor streams``).
 """
 
 from __future__ import annotations
