@@ -41,8 +41,9 @@ async def test_a_bucket_is_read_back_in_full_without_its_deleted_keys(service_se
 async def test_a_followed_bucket_keeps_following_after_its_watch_consumer_is_deleted(
     service_settings, admin_bus
 ):
-    """Any service user may delete another's ephemeral consumers (README, Known gaps); the gateway's watch
-    of the rollout bucket makes itself a new one and goes on applying changes."""
+    """A service user that knows the name of another's ephemeral consumer may delete it (README, Known
+    gaps; here the admin lists it); the gateway's watch of the rollout bucket makes itself a new one and
+    goes on applying changes."""
     bucket = admin_bus.subjects.kv.rollout
     kv = await admin_bus.js.key_value(bucket)
     await kv.put("cells", b"1")
