@@ -12,6 +12,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from contracts.envelope import decode
 from contracts.events import DatasetVersioned
 from services.runtime.config import Settings
+from services.runtime.pull import read_through
 
 __all__ = ["read_versions"]
 
@@ -20,25 +21,12 @@ async def read_versions(settings: Settings, dataset: str = "*") -> list[DatasetV
     """Every announced version (of one dataset or all), oldest first, from the control stream."""
     nc = await nats.connect(**settings.nats_connect_kwargs(), connect_timeout=3, max_reconnect_attempts=0)
     try:
-        js = nc.jetstream()
         subject = settings.subjects.event_filter(DatasetVersioned.type, dataset)
-        sub = await js.subscribe(
-            subject,
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-            stream=settings.subjects.control_stream,
-        )
-        versions: list[DatasetVersioned] = []
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=1.0)
-                versions.append(decode(msg.data, DatasetVersioned)[1])
-                if msg.metadata.num_pending == 0:
-                    break
-        except (TimeoutError, nats.errors.TimeoutError):
-            pass
-        finally:
-            await sub.unsubscribe()
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        versions = [
+            decode(msg.data, DatasetVersioned)[1]
+            async for msg in read_through(nc.jetstream(), settings.subjects.control_stream, subject, config)
+        ]
         latest = {(v.dataset, v.version): v for v in versions}  # a re-sent announcement is the same version
         return sorted(latest.values(), key=lambda v: (v.dataset, v.version))
     finally:
