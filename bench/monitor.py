@@ -269,9 +269,10 @@ async def readback(rng: np.random.Generator, batches: int) -> dict[str, Any]:
         await service.bus.start_consumers()
         stream = settings.subjects.inference_stream
         deadline = time.monotonic() + 600
-        while (await admin.js.consumer_info(stream, service.consumer.durable)).num_ack_pending or (
-            await admin.js.consumer_info(stream, service.consumer.durable)
-        ).num_pending:
+        while True:
+            info = await admin.js.consumer_info(stream, service.consumer.durable)
+            if not (info.num_ack_pending or info.num_pending):
+                break
             assert time.monotonic() < deadline, "the monitor did not consume the batches"
             await asyncio.sleep(0.2)
         await service.bus.stop_consumers()

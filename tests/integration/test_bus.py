@@ -40,9 +40,7 @@ def trained(version: int = 1) -> ModelTrained:
 
 
 @contextlib.asynccontextmanager
-async def logged_in_as(
-    service: str, nats_server: Any, service_settings: Callable[..., Settings]
-) -> AsyncIterator[tuple[nats.NATS, list[str]]]:
+async def logged_in_as(service: str, nats_server: Any) -> AsyncIterator[tuple[nats.NATS, list[str]]]:
     """A raw nats-py connection as ``service``'s user, and the permission violations NATS reports to it
     (lower-cased; each names the subject it refused)."""
     refused: list[str] = []
@@ -51,14 +49,7 @@ async def logged_in_as(
         if "permissions violation" in str(exc).lower():
             refused.append(str(exc).lower())
 
-    password = service_settings(service).nats_password.get_secret_value()
-    nc = await nats.connect(
-        nats_server.url,
-        user=service,
-        password=password,
-        inbox_prefix=inbox_prefix(service),
-        error_cb=on_error,
-    )
+    nc = await nats.connect(**nats_server.connect_kwargs(service), error_cb=on_error)
     try:
         yield nc, refused
     finally:
@@ -231,10 +222,8 @@ async def test_handler_result_is_published_as_the_next_event(service_settings):
     assert promoted[0].version == 4
 
 
-async def test_service_user_cannot_publish_outside_its_permissions(
-    nats_server, service_settings, prefix, admin_bus
-):
-    async with logged_in_as("ingest", nats_server, service_settings) as (nc, refused):
+async def test_service_user_cannot_publish_outside_its_permissions(nats_server, prefix, admin_bus):
+    async with logged_in_as("ingest", nats_server) as (nc, refused):
         js = nc.jetstream()
         own = await js.publish(f"{prefix}.dataset.versioned.digits", b"{}", timeout=2)
         assert own.seq >= 1  # its own event type is allowed
@@ -244,14 +233,12 @@ async def test_service_user_cannot_publish_outside_its_permissions(
         assert any(f'"{prefix}.model.promoted.digits"' in message for message in refused)
 
 
-async def test_service_users_cannot_create_change_or_destroy_streams(
-    nats_server, service_settings, prefix, admin_bus
-):
+async def test_service_users_cannot_create_change_or_destroy_streams(nats_server, prefix, admin_bus):
     """Every service reads the streams and manages its consumers, but none may make a stream, change one's
     limits (which could drop what it holds) or destroy what a stream holds."""
     stream = admin_bus.settings.subjects.dlq_stream
     await admin_bus.js.publish(f"{prefix}.dlq.serving", b"a dead letter", timeout=2)
-    async with logged_in_as("serving", nats_server, service_settings) as (nc, refused):
+    async with logged_in_as("serving", nats_server) as (nc, refused):
         js = nc.jetstream(timeout=1)
         info = await js.stream_info(stream)
         assert info.state.messages == 1  # reading is allowed
@@ -275,9 +262,7 @@ async def test_service_users_cannot_create_change_or_destroy_streams(
     assert after.state.messages == 1 and after.config.max_age == info.config.max_age
 
 
-async def test_a_service_cannot_read_ack_create_or_delete_another_services_durable(
-    nats_server, service_settings, admin_bus
-):
+async def test_a_service_cannot_read_ack_create_or_delete_another_services_durable(nats_server, admin_bus):
     """The registry's durable consumer is the registry's: the ingest user may neither take its messages,
     ack one it delivered, delete it, recreate it nor read its state; it may read the stream through a
     consumer of its own."""
@@ -287,7 +272,7 @@ async def test_a_service_cannot_read_ack_create_or_delete_another_services_durab
     await admin_bus.publish(trained(2))  # what the ingest user's fetch would take
     held = await admin_bus.js.pull_subscribe(subject, durable, stream=stream)
     (delivered,) = await held.fetch(1, timeout=5)  # in flight, not acked: the ingest user tries to ack it
-    async with logged_in_as("ingest", nats_server, service_settings) as (nc, refused):
+    async with logged_in_as("ingest", nats_server) as (nc, refused):
         js = nc.jetstream(timeout=1)
         with pytest.raises(nats.errors.TimeoutError):
             await (await js.pull_subscribe_bind(durable, stream)).fetch(1, timeout=1)
@@ -315,9 +300,7 @@ async def test_a_service_cannot_read_ack_create_or_delete_another_services_durab
     assert info.delivered.stream_seq == delivered.metadata.sequence.stream
 
 
-async def test_a_service_cannot_have_jetstream_deliver_a_forged_event(
-    nats_server, service_settings, prefix, admin_bus
-):
+async def test_a_service_cannot_have_jetstream_deliver_a_forged_event(nats_server, prefix, admin_bus):
     """JetStream delivers a push consumer's messages to any subject with a plain subscriber, or with a
     stream of that one literal subject, without checking the consumer creator's publish rights there
     (nats-server#8274). The trainer writes its own KV bucket, so it could have a forged ``model.promoted``
@@ -327,7 +310,7 @@ async def test_a_service_cannot_have_jetstream_deliver_a_forged_event(
     bucket = f"KV_{subjects.kv.trainer}"
     promoted = subjects.event(ModelPromoted.type, "digits")  # the registry's event
     notified = f"{prefix}.minio.events"  # MinIO's
-    async with logged_in_as("trainer", nats_server, service_settings) as (nc, refused):
+    async with logged_in_as("trainer", nats_server) as (nc, refused):
         js = nc.jetstream(timeout=1)
         _, forged = encode(example_event(ModelPromoted), "conveyor/registry")
         await (await js.key_value(subjects.kv.trainer)).put("digits", forged)
