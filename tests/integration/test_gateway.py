@@ -503,11 +503,32 @@ async def test_bad_requests_get_clear_codes(world, trained, triton_server):
         _, png = digit_png()
         no_state = await world.predict(png)  # known nowhere yet
         assert no_state.status_code == 404 and no_state.json()["error"] == "unknown_model"
+        unknown = await world.http.get(f"/v1/models/{world.model}")
+        assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_model", unknown.text
         await world.route(canary_version=None, active_version=None)
         undeployed = await world.predict(png)
         assert undeployed.status_code == 503 and undeployed.headers["retry-after"]
+        assert (await world.http.get(f"/v1/models/{world.model}")).json()["versions"] == []
         await world.route(active_version=1)
         await world.deploy(event, 1, 1)
+        await world.route(active_version=1, shadow_version=2)  # a shadow serving never deployed here
+        described = await world.http.get(f"/v1/models/{world.model}")
+        assert described.status_code == 200, described.text
+        one, two = described.json()["versions"]
+        spec = json.loads(
+            (triton_server.model_repository / world.model / "1" / "serving_spec.json").read_text()
+        )
+        assert one == {
+            "version": 1,
+            "routes": ["active"],
+            "ready": True,
+            "deployed": True,
+            "labels": spec["labels"],
+            "input": spec["preprocessing"],
+        }
+        assert two == {"version": 2, "routes": ["shadow"], "ready": False, "deployed": False}
+        assert described.json()["rollout"]["shadow_version"] == 2
+        await world.route(active_version=1)
         cases = {
             "no key": (await world.predict(png, headers={"X-API-Key": "wrong"}), 401, "unauthorized"),
             "text": (
@@ -580,6 +601,7 @@ async def test_bad_requests_get_clear_codes(world, trained, triton_server):
         (folder / "9").mkdir()
         shutil.copy(folder / "1" / "serving_spec.json", folder / "9" / "serving_spec.json")
         await world.route(active_version=9)
+        assert (await world.http.get(f"/v1/models/{world.model}")).json()["versions"][0]["ready"] is False
         failed = await world.predict(png)
         assert failed.status_code == 503 and failed.json()["error"] == "triton_unavailable", failed.text
         for _ in range(100):

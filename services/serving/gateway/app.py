@@ -16,6 +16,8 @@ bytes, and no float conversion here.
                                                 routing sticky; answers ids, labels, probabilities,
                                                 version and route
 ``GET  /v1/models``                             the routed models and their rollout state
+``GET  /v1/models/{model}``                     one model: each routed version's routes, readiness in
+                                                Triton, labels and input (size, channels, normalisation)
 ``GET  /healthz``, ``/readyz``, ``/metrics``    live; ready when every routed version is ready in Triton
 ==============================================  =============================================================
 
@@ -551,17 +553,61 @@ class Gateway:
         for sample in samples:
             self.inference_log.log(model, sample)
 
+    async def describe(self, model: str) -> dict[str, Any]:
+        """What a client of ``model`` may rely on (KServe's model metadata, in the gateway's terms): each
+        version a route names, with its routes, its readiness in Triton, its labels and the input it takes."""
+        try:
+            state: RolloutState | None = self.state_of(model)
+        except ApiError as exc:
+            if exc.status != 503:  # unknown: 404; known but routed nowhere yet: described as such
+                raise
+            state = None
+        routes: dict[int, list[str]] = {}
+        if state is not None:
+            named = ("active", state.active_version), ("canary", state.canary_version)
+            for route, version in (*named, ("shadow", state.shadow_version)):
+                if version is not None:
+                    routes.setdefault(version, []).append(route)
+        versions = []
+        for version, names in sorted(routes.items()):
+            entry: dict[str, Any] = {
+                "version": version,
+                "routes": names,
+                "ready": await self._version_ready(model, version),
+            }
+            try:
+                spec = self.catalog.spec(model, version)
+            except (FileNotFoundError, KeyError, ValueError):
+                entry["deployed"] = False  # serving has not written it here (yet)
+            else:
+                entry |= {
+                    "deployed": True,
+                    "labels": list(spec.labels),
+                    "input": spec.preprocessing.to_dict(),
+                }
+            versions.append(entry)
+        return {
+            "model": model,
+            "rollout": state.model_dump(mode="json") if state is not None else None,
+            "versions": versions,
+            "image_formats": ["png", "jpeg", "tiff"],
+            "max_images": self.settings.gateway_max_images,
+            "max_body_bytes": self.settings.gateway_max_body_bytes,
+        }
+
+    async def _version_ready(self, model: str, version: int) -> bool:
+        try:
+            return bool(await self._clients[0].is_model_ready(model, str(version)))
+        except Exception:
+            return False
+
     async def ready(self) -> bool:
         """Every version a route needs answers ready in Triton (model readiness: server readiness flickers
         while a model unloads)."""
-        try:
-            client = self._clients[0]
-            for model, state in list(self.catalog.states.items()):
-                for version in {state.active_version, state.canary_version} - {None}:
-                    if not await client.is_model_ready(model, str(version)):
-                        return False
-        except Exception:
-            return False
+        for model, state in list(self.catalog.states.items()):
+            for version in (state.active_version, state.canary_version):
+                if version is not None and not await self._version_ready(model, version):
+                    return False
         return True
 
 
@@ -824,6 +870,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             "models": {m: st.model_dump(mode="json") for m, st in sorted(catalog.states.items())},
             "sampling": {m: p.sampling.model_dump() for m, p in sorted(catalog.policies.values.items())},
         }
+
+    @app.get("/v1/models/{model}")
+    async def describe(model: str) -> dict[str, Any]:
+        """One model: its rollout state and each routed version's routes, readiness, labels and input."""
+        return await gateway.describe(model)
 
     @app.get("/healthz")
     async def healthz() -> Response:
