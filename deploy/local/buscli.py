@@ -55,7 +55,7 @@ def settings() -> StackSettings:
 @asynccontextmanager
 async def connect(s: StackSettings) -> AsyncIterator[tuple[nats.NATS, JetStreamContext]]:
     try:
-        nc = await nats.connect(**s.admin_connect_kwargs(), connect_timeout=3, max_reconnect_attempts=0)  # type: ignore[arg-type]
+        nc = await nats.connect(**s.nats_connect_kwargs(), connect_timeout=3, max_reconnect_attempts=0)
     except Exception as exc:
         console.print(
             f"[red]cannot reach NATS at {s.nats_url}[/]: {exc}\nIs the stack up? Try `conveyor up`."

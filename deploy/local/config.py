@@ -111,8 +111,3 @@ class StackSettings(Settings):
             if name not in self.model_fields_set:
                 update[name] = value
         return self.model_copy(update=update)
-
-    def admin_connect_kwargs(self) -> dict[str, object]:
-        """Keyword arguments for ``nats.connect`` as the admin user (after ``with_secrets``)."""
-        password = self.nats_password.get_secret_value() if self.nats_password else None
-        return {"servers": [self.nats_url], "user": self.nats_user, "password": password}

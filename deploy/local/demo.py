@@ -82,7 +82,7 @@ class Watcher:
         self.nc: nats.NATS | None = None
 
     async def start(self) -> None:
-        self.nc = await nats.connect(**self.settings.admin_connect_kwargs())  # type: ignore[arg-type]
+        self.nc = await nats.connect(**self.settings.nats_connect_kwargs())
         kinds = (DatasetVersioned, ModelTrained, ModelTrainingFailed, ModelPromoted, ModelRejected)
         for cls in (*kinds, ModelDeployed, ModelDeployFailed, DriftDetected, CanaryVerdict, ModelRolledBack):
             # Every name, filtered in _got: a plain subscription to one literal subject would let any

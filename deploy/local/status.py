@@ -64,7 +64,7 @@ def endpoints(settings: StackSettings, experiment_id: str | None = None) -> dict
 async def jetstream_status(settings: StackSettings, timeout: float = 3.0) -> dict[str, Any]:
     """Streams with message counts, consumers with their lag, and the dead-letter count (admin user)."""
     nc = await nats.connect(
-        **settings.admin_connect_kwargs(),  # type: ignore[arg-type]
+        **settings.nats_connect_kwargs(),
         connect_timeout=timeout,
         allow_reconnect=False,
         max_reconnect_attempts=0,

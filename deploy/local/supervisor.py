@@ -167,7 +167,7 @@ class Supervisor:
     async def _ensure_streams_async(self) -> list[str]:
         from deploy.local.buscli import provision
 
-        nc = await nats.connect(**self.settings.admin_connect_kwargs(), connect_timeout=5)  # type: ignore[arg-type]
+        nc = await nats.connect(**self.settings.nats_connect_kwargs(), connect_timeout=5)
         try:
             return await provision(self.settings, nc.jetstream())
         finally:
