@@ -1,4 +1,5 @@
-"""The README's Configuration table names every setting there is, and no setting that is not."""
+"""The README says what the code does: its Configuration table names every setting there is (and none
+that is not), and its services table what each service consumes and publishes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import re
 from pathlib import Path
 
 from pydantic_settings import BaseSettings
+
+from contracts.names import SERVICE_CONSUMES, SERVICE_PUBLISHES, SERVICES
 
 README = Path(__file__).parents[2] / "README.md"
 CONFIG_MODULES = [
@@ -62,3 +65,18 @@ def test_every_setting_is_in_the_configuration_table() -> None:
     assert len(known) > 80  # the modules above were all read
     assert sorted(known - documented) == [], "settings the README's Configuration table leaves out"
     assert sorted(documented - known) == [], "the table names variables no settings class reads"
+
+
+def test_the_services_table_matches_what_each_service_consumes_and_publishes() -> None:
+    section = README.read_text().split("\n### The services", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for row in section.splitlines():
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        if len(cells) == 4 and cells[0].split()[0] in SERVICES:
+            rows[cells[0].split()[0]] = (
+                set(re.findall(r"`([a-z_]+\.[a-z_]+)`", cells[1])),
+                set(re.findall(r"`([a-z_]+\.[a-z_]+)`", cells[2])),
+            )
+    assert rows == {
+        service: (set(SERVICE_CONSUMES[service]), set(SERVICE_PUBLISHES[service])) for service in SERVICES
+    }
