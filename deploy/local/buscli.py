@@ -9,6 +9,7 @@ They log in as the admin user: in the embedded stack with the generated credenti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from contracts.names import Subjects
 from deploy.local.config import StackSettings
 from deploy.local.secrets import LocalSecrets
 from services.ingest.config import IngestSettings
+from services.runtime.bus import NatsUnreachable, connect_once
 from services.runtime.deadletters import list_dead_letters, replay
 from services.runtime.streams import ensure_streams
 
@@ -55,11 +57,9 @@ def settings() -> StackSettings:
 @asynccontextmanager
 async def connect(s: StackSettings) -> AsyncIterator[tuple[nats.NATS, JetStreamContext]]:
     try:
-        nc = await nats.connect(**s.nats_connect_kwargs(), connect_timeout=3, max_reconnect_attempts=0)
-    except Exception as exc:
-        console.print(
-            f"[red]cannot reach NATS at {s.nats_url}[/]: {exc}\nIs the stack up? Try `conveyor up`."
-        )
+        nc = await connect_once(s)
+    except NatsUnreachable as exc:
+        console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from exc
     try:
         yield nc, nc.jetstream()
@@ -162,7 +162,12 @@ def tail(
         await nc.flush()
         if not raw_json:
             console.print(f"[dim]listening on {pattern} (Ctrl-C to stop)[/]")
-        await done.wait()
+        while not done.is_set():
+            if nc.is_closed:  # a command's connection does not reconnect (``connect_once``)
+                console.print("[red]NATS closed the connection[/]: `conveyor status` says whether it is up")
+                raise typer.Exit(1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 1)
 
     try:
         run(work)

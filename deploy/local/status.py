@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import nats
-
 from deploy.local.builders import BUCKETS
 from deploy.local.config import StackSettings
 from deploy.local.parts import HealthCheck
 from deploy.local.secrets import LocalSecrets
 from deploy.local.state import pid_alive, read_json, running_supervisor
 from services.monitor.cli import attention
+from services.runtime.bus import connect_once
 
 __all__ = ["collect_status", "endpoints", "health_from_description", "jetstream_status"]
 
@@ -61,14 +60,9 @@ def endpoints(settings: StackSettings, experiment_id: str | None = None) -> dict
     }
 
 
-async def jetstream_status(settings: StackSettings, timeout: float = 3.0) -> dict[str, Any]:
+async def jetstream_status(settings: StackSettings) -> dict[str, Any]:
     """Streams with message counts, consumers with their lag, and the dead-letter count (admin user)."""
-    nc = await nats.connect(
-        **settings.nats_connect_kwargs(),
-        connect_timeout=timeout,
-        allow_reconnect=False,
-        max_reconnect_attempts=0,
-    )
+    nc = await connect_once(settings)
     try:
         jsm = nc.jsm()
         streams = []

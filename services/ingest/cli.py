@@ -19,6 +19,7 @@ from rich.table import Table
 
 from contracts.events import DatasetVersioned
 from contracts.names import ModelRef, validate_name
+from services.runtime.bus import NatsUnreachable
 from services.runtime.config import Settings
 from services.runtime.s3 import s3_client
 from services.runtime.versions import read_versions
@@ -105,6 +106,9 @@ def datasets_command(settings_factory: Callable[[], Settings]) -> Callable[..., 
         parsed = ModelRef.parse(ref) if ref else None
         try:
             versions = asyncio.run(read_versions(settings_factory(), parsed.name if parsed else "*"))
+        except NatsUnreachable as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from exc
         except Exception as exc:
             console.print(
                 f"[red]cannot read the versions[/]: {exc!r}\nIs the stack up? Try `conveyor status`."

@@ -178,7 +178,8 @@ def _latency(canary: Side, champion: Side, ratio: float, slack_ms: float) -> Gat
             name="latency_p99_ms", value=ours, passed=True, detail="too little champion traffic"
         )
     limit = theirs * ratio + slack_ms
-    return _check("latency_p99_ms", ours, limit, ours <= limit, f"champion p99 {theirs:.2f} ms")
+    detail = f"p99 {ours:.2f} ms against the champion's {theirs:.2f} ms (limit {limit:.2f} ms)"
+    return _check("latency_p99_ms", ours, limit, ours <= limit, detail)
 
 
 def _accuracy(canary: Side, champion: Side, drop: float, minimum: int) -> GateResult:

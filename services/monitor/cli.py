@@ -11,7 +11,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import nats
 import typer
 from nats.js import JetStreamContext
 from rich.console import Console
@@ -20,6 +19,7 @@ from rich.table import Table
 from contracts.kv import RolloutState
 from contracts.names import Subjects, validate_name
 from services.monitor.state import ModelRecord, MonitorState
+from services.runtime.bus import NatsUnreachable, connect_once
 from services.runtime.config import Settings
 from services.runtime.rollouts import Rollouts, routed_versions
 from services.trainer.state import ModelState, TrainerState
@@ -79,13 +79,9 @@ def drift_command(settings_factory: Callable[[], Settings]) -> Callable[..., Non
 
         async def read() -> tuple[ModelRecord, ModelState]:
             try:
-                nc = await nats.connect(
-                    **s.nats_connect_kwargs(), connect_timeout=3, max_reconnect_attempts=0
-                )
-            except Exception as exc:
-                err.print(
-                    f"[red]cannot reach NATS at {s.nats_url}[/]: {exc}. Is the stack up (`conveyor up`)?"
-                )
+                nc = await connect_once(s)
+            except NatsUnreachable as exc:
+                err.print(f"[red]{exc}[/]")
                 raise typer.Exit(1) from exc
             try:
                 return await _read(nc.jetstream(), s.subjects, model)

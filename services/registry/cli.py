@@ -25,7 +25,7 @@ from rich.table import Table
 
 from contracts.events import CanaryVerdict
 from contracts.names import ModelRef
-from services.runtime.bus import EventBus
+from services.runtime.bus import NatsUnreachable, publish_once
 from services.runtime.config import Settings
 
 __all__ = [
@@ -474,13 +474,12 @@ def canary_verdict_command(settings_factory: Callable[[], Settings]) -> Callable
             reason=reason or f"given by hand by {user} (conveyor canary-verdict)",
         )
 
-        async def send() -> bool:
-            async with EventBus(settings_factory().model_copy(update={"service": "cli"})) as bus:
-                ack = await bus.publish(event)
-                return bool(ack.duplicate)
-
-        duplicate = asyncio.run(send())
-        if duplicate:
+        try:
+            ack = asyncio.run(publish_once(settings_factory(), event))
+        except NatsUnreachable as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from exc
+        if ack.duplicate:
             console.print(
                 f"a canary.verdict for {parsed} at {weight}% was sent already: the bus dropped this one "
                 f"as a duplicate; `conveyor audit {parsed.name}` shows what the registry did"

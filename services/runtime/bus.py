@@ -17,12 +17,17 @@ duplicate publish) and the W3C ``traceparent``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import nats
 from faststream.nats import NatsBroker
 from faststream.security import SASLPlaintext
 from nats.aio.client import Client
+from nats.errors import AuthorizationError, NoServersError
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, PubAck
 from opentelemetry import propagate
@@ -38,7 +43,7 @@ from services.runtime.pull import PullConsumer, ensure_consumer
 from services.runtime.streams import ensure_streams
 from services.runtime.telemetry import setup_tracing
 
-__all__ = ["EventBus", "make_broker"]
+__all__ = ["EventBus", "NatsUnreachable", "connect_once", "make_broker", "publish_once"]
 
 E = TypeVar("E", bound=Event)
 T = TypeVar("T")
@@ -46,8 +51,67 @@ T = TypeVar("T")
 MSG_ID_HEADER = "Nats-Msg-Id"  # JetStream's de-duplication header (nats.js.api.Header.MSG_ID)
 
 
+class NatsUnreachable(ConnectionError):
+    """A command's one try at NATS failed (``connect_once``); the message says what to do next."""
+
+    def __init__(self, settings: Settings, cause: BaseException) -> None:
+        if _refused_login(cause):
+            advice = f"it refused the user {settings.nats_user!r}: check CONVEYOR_NATS_USER and _PASSWORD"
+        else:
+            advice = "is the stack up? Try `conveyor up`, or point CONVEYOR_NATS_URL at your NATS"
+        reason = str(cause) or type(cause).__name__
+        super().__init__(f"cannot reach NATS at {settings.nats_url} ({reason}): {advice}")
+
+
+def _refused_login(exc: BaseException) -> bool:
+    # nats-py raises a plain nats.errors.Error for the server's -ERR at connect, AuthorizationError later.
+    return isinstance(exc, AuthorizationError) or "Authorization Violation" in str(exc)
+
+
+async def _command_error(exc: Exception) -> None:
+    """nats-py's default error callback logs a traceback for every failed try; a command's failed try is
+    raised to it instead (``NatsUnreachable``). Other errors (a permissions violation) are still logged."""
+    if not (isinstance(exc, OSError | asyncio.TimeoutError) or _refused_login(exc)):
+        logging.getLogger("nats").error("%s", exc)
+
+
+# A command (the CLI, a check) tries NATS once and fails at once with a reason; nats-py's own default
+# retries forever, and ``max_reconnect_attempts=0`` means that too.
+ONCE: dict[str, Any] = {
+    "allow_reconnect": False,
+    "connect_timeout": 3,
+    "max_reconnect_attempts": 1,  # the first connect tries each server this many times more: at 0, forever
+    "reconnect_time_wait": 0.2,
+    "error_cb": _command_error,
+}
+
+
+async def connect_once(settings: Settings) -> Client:
+    """A nats-py connection for one command: one try, ``NatsUnreachable`` when it fails."""
+    tries: list[Exception] = []
+
+    async def noted(exc: Exception) -> None:
+        tries.append(exc)
+        await _command_error(exc)
+
+    try:
+        return await nats.connect(**settings.nats_connect_kwargs(), **(ONCE | {"error_cb": noted}))
+    except (OSError, TimeoutError, NatsError) as exc:
+        # "no servers available" once the tries are spent: the last try's error says why
+        cause = tries[-1] if isinstance(exc, NoServersError) and tries else exc
+        raise NatsUnreachable(settings, cause) from exc
+
+
+async def publish_once(settings: Settings, event: Event) -> PubAck:
+    """Publish one event as a command (the CLI's ``train``, ``canary-verdict``): ``NatsUnreachable`` when
+    NATS does not answer the one try."""
+    async with EventBus(settings.model_copy(update={"service": "cli"}), once=True) as bus:
+        return await bus.publish(event)
+
+
 def make_broker(settings: Settings, **kwargs: Any) -> NatsBroker:
-    """A NatsBroker for ``settings``: credentials, client name, reconnects forever, no per-message logging."""
+    """A NatsBroker for ``settings``: credentials, client name, no per-message logging, and reconnects
+    forever unless ``kwargs`` say otherwise (the keywords of ``nats.connect``)."""
     security = None
     if settings.nats_user:
         password = settings.nats_password.get_secret_value() if settings.nats_password else ""
@@ -59,8 +123,7 @@ def make_broker(settings: Settings, **kwargs: Any) -> NatsBroker:
         inbox_prefix=inbox_prefix(settings.nats_user),
         apply_types=False,
         logger=kwargs.pop("logger", None),
-        max_reconnect_attempts=-1,
-        **kwargs,
+        **{"max_reconnect_attempts": -1, **kwargs},
     )
 
 
@@ -73,13 +136,16 @@ class EventBus:
         *,
         span_processors: Sequence[SpanProcessor] = (),
         metrics: Metrics | None = None,
+        once: bool = False,
     ) -> None:
+        """``once``: for a command, one try at NATS and ``NatsUnreachable`` (a service waits for NATS)."""
         self.settings = settings
+        self.once = once
         self.subjects = settings.subjects
         self.metrics = metrics or Metrics()
         self.tracer_provider = setup_tracing(settings, *span_processors)
         self.tracer = self.tracer_provider.get_tracer("conveyor.bus")
-        self.broker = make_broker(settings)
+        self.broker = make_broker(settings, **(ONCE if once else {}))
         self.source = f"conveyor/{settings.service}"
         self._consumers: list[tuple[Consumer[Any], str, str, int]] = []
         self._pulls: list[PullConsumer] = []
@@ -88,7 +154,12 @@ class EventBus:
         """Connect and check that the streams and KV buckets exist (before any durable consumer attaches):
         their configuration is the admin user's to set (``services.runtime.streams``); a missing one is
         created where this user may, else ``NotProvisioned`` says how to provision them."""
-        await self.broker.connect()
+        try:
+            await self.broker.connect()
+        except (OSError, TimeoutError, NatsError) as exc:
+            if self.once:
+                raise NatsUnreachable(self.settings, exc) from exc
+            raise
         await ensure_streams(
             self.js,
             self.subjects,

@@ -6,11 +6,11 @@ and `conveyor train DATASET`).
 
 from __future__ import annotations
 
-import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from contracts.envelope import decode
 from contracts.events import DatasetVersioned
+from services.runtime.bus import connect_once
 from services.runtime.config import Settings
 from services.runtime.pull import read_through
 
@@ -18,8 +18,9 @@ __all__ = ["read_versions"]
 
 
 async def read_versions(settings: Settings, dataset: str = "*") -> list[DatasetVersioned]:
-    """Every announced version (of one dataset or all), oldest first, from the control stream."""
-    nc = await nats.connect(**settings.nats_connect_kwargs(), connect_timeout=3, max_reconnect_attempts=0)
+    """Every announced version (of one dataset or all), oldest first, from the control stream;
+    ``NatsUnreachable`` when NATS does not answer."""
+    nc = await connect_once(settings)
     try:
         subject = settings.subjects.event_filter(DatasetVersioned.type, dataset)
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)

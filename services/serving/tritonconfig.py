@@ -147,6 +147,9 @@ On a GPU instance each batch is copied into one pinned host buffer (the copy tha
 sent to the GPU from there, padded up to a power of two so cuDNN's autotuning and TorchScript's profiling
 see few shapes; pixels are normalised on the GPU. With the ``gpu_precision`` parameter ``fp16`` the module
 runs in half precision, channels-last. On a CPU instance the batch runs as it comes, in float32.
+
+Before Triton calls a version ready, ``initialize`` runs zeros through it at the first batch sizes it will
+see (``_warm_up``), so TorchScript's profiling and cuDNN's tuning do not land on the first live requests.
 """
 
 import json
@@ -198,6 +201,24 @@ class TritonPythonModel:
         std = np.asarray(pre.get("std", [1.0] * channels), dtype=np.float32).reshape(-1, 1, 1)
         self.unit = [np.float32(255), mean, std]  # pixels -> image: / 255, - mean, / std
         self.unit_on_device = [torch.from_numpy(np.asarray(a)).to(self.device) for a in self.unit]
+        self._warm_up([int(d) for d in spec["inputs"][0]["shape"][1:]])
+
+    def _warm_up(self, shape):
+        """Run zeros through the module twice at each batch size the first live requests will bring, before
+        Triton calls the version ready: TorchScript profiles and optimises its graph on the first calls of
+        a shape, and cuDNN tunes its kernels (measured on a CPU: 100 ms for the very first call of a small
+        CNN, 10-25 ms for the next few), which would otherwise land on those requests (a canary would be
+        judged on them). On a GPU every padded size up to the max batch; on a CPU, which runs batches as they
+        come, the sizes up to 4."""
+        if any(d <= 0 for d in shape):
+            return  # free dims: no shape to warm
+        if self.gpu:
+            sizes = sorted({_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
+        else:
+            sizes = range(1, min(4, self.max_batch) + 1)
+        for rows in sizes:
+            for _ in range(2):
+                self._forward([np.zeros((rows, *shape), dtype=np.float32)], [False])
 
     def _on_device(self, batch, rows):
         if not self.gpu:
@@ -237,11 +258,21 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, PIXELS)
             batch.append(tensor.as_numpy())
             pixels.append(sent)
+        arrays = self._forward(batch, pixels)
+        responses, start = [], 0
+        for size in (b.shape[0] for b in batch):
+            tensors = [pb_utils.Tensor(n, a[start : start + size]) for n, a in zip(self.outputs, arrays)]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            start += size
+        return responses
+
+    def _forward(self, batch, pixels):
+        """The module's outputs (numpy, float32) for the rows of ``batch``'s arrays, in order; ``pixels``
+        says which arrays are uint8 pixels rather than images."""
         if any(pixels) and not all(pixels):  # both kinds in one batch: the pixels become images here
             unit = self.unit
             batch = [self._normalised(a.astype(np.float32), unit) if p else a for a, p in zip(batch, pixels)]
-        sizes = [b.shape[0] for b in batch]
-        rows = sum(sizes)
+        rows = sum(b.shape[0] for b in batch)
         with torch.inference_mode():
             x = self._on_device(batch, rows)
             if all(pixels):
@@ -251,12 +282,6 @@ class TritonPythonModel:
             results = self.module(x)
         if isinstance(results, torch.Tensor):
             results = (results,)
-        arrays = [r[:rows].float().cpu().numpy() for r in results]
-        responses, start = [], 0
-        for size in sizes:
-            tensors = [pb_utils.Tensor(n, a[start : start + size]) for n, a in zip(self.outputs, arrays)]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            start += size
-        return responses
+        return [r[:rows].float().cpu().numpy() for r in results]
 '''
 """The ``model.py`` of the Python backend, written into each version folder."""

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from contracts.events import TrainRequested
 from contracts.names import ModelRef, validate_name
-from services.runtime.bus import EventBus
+from services.runtime.bus import NatsUnreachable, publish_once
 from services.runtime.config import Settings
 from services.runtime.datasets import read_manifest
 
@@ -50,11 +50,11 @@ def train_command(settings_factory: Callable[[], Settings]) -> Callable[..., Non
             reason=reason,
         )
 
-        async def send() -> None:
-            async with EventBus(settings_factory().model_copy(update={"service": "cli"})) as bus:
-                await bus.publish(event)
-
-        asyncio.run(send())
+        try:
+            asyncio.run(publish_once(settings_factory(), event))
+        except NatsUnreachable as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from exc
         console.print(
             f"asked for a training on {ref} (request {event.request_id}); "
             "`conveyor events tail 'conveyor.model.>'` shows model.trained when it is done"
@@ -70,20 +70,30 @@ def lineage_command(settings_factory: Callable[[], Settings]) -> Callable[..., N
         limit: int = typer.Option(10, help="source objects to list (0: all)"),
     ) -> None:
         """Walk back from a model version to its dataset version, git rev, DVC md5 and source objects."""
-        from services.trainer.tracking import MlflowTracker
+        from mlflow.exceptions import MlflowException
+
+        from services.trainer.tracking import MlflowTracker, fail_fast
 
         settings = settings_factory()
         parsed = ModelRef.parse(ref)
         tracker = MlflowTracker(settings.mlflow_url)
-        found = (
-            tracker.get_version(parsed.name, parsed.version)
-            if parsed.version
-            else tracker.latest_version(parsed.name)
-        )
-        if found is None:
+        try:
+            with fail_fast():
+                found = (
+                    tracker.get_version(parsed.name, parsed.version)
+                    if parsed.version
+                    else tracker.latest_version(parsed.name)
+                )
+                run = tracker.client.get_run(found.run_id) if found else None
+        except MlflowException as exc:
+            console.print(
+                f"[red]cannot read MLflow at {settings.mlflow_url}[/]: {exc.message[:300]}\n"
+                "Is the stack up? `conveyor status` says."
+            )
+            raise typer.Exit(1) from exc
+        if found is None or run is None:
             console.print(f"[red]no model version {ref}[/]: `conveyor models` lists them")
             raise typer.Exit(1)
-        run = tracker.client.get_run(found.run_id)
         tags = run.data.tags
         dataset, version = tags["conveyor.dataset.name"], int(tags["conveyor.dataset.version"])
         repo_url = tags["conveyor.dataset.repo_url"]

@@ -8,7 +8,10 @@ the trainer needs no credentials of the store behind it.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -17,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-__all__ = ["MlflowTracker", "RegisteredVersion", "Tracker"]
+__all__ = ["MlflowTracker", "RegisteredVersion", "Tracker", "fail_fast"]
 
 CANDIDATE = "candidate"
 MODEL_DIR = "model"  # artifact path of everything serving needs, in the run
@@ -93,15 +96,47 @@ class MlflowTracker:
     def latest_version(self, model: str) -> RegisteredVersion | None:
         try:
             versions = self.client.search_model_versions(f"name='{model}'", order_by=["version_number DESC"])
-        except MlflowException:
+        except MlflowException as exc:
+            if not _missing(exc):
+                raise
             return None
         return _entity(versions[0]) if versions else None
 
     def get_version(self, model: str, version: int) -> RegisteredVersion | None:
         try:
             return _entity(self.client.get_model_version(model, str(version)))
-        except MlflowException:
+        except MlflowException as exc:
+            if not _missing(exc):
+                raise
             return None
+
+
+def _missing(exc: MlflowException) -> bool:
+    """MLflow does not have that model or version; any other error (MLflow down) is no answer and is
+    raised, so a trainer asked which data the model was trained on retries rather than reads "never"."""
+    return exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+@contextmanager
+def fail_fast(timeout_s: int = 10) -> Iterator[None]:
+    """MLflow's client for a command: one retry and ``timeout_s`` per request instead of its defaults (7
+    retries with exponential backoff, 120 s), which keep a command waiting minutes for a server that is
+    down. The environment is restored after."""
+    values = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s),
+    }
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _entity(mv: object) -> RegisteredVersion:

@@ -1,4 +1,5 @@
-"""`conveyor events tail`, `dlq list|replay` and `policy apply|show` against a real nats-server."""
+"""`conveyor events tail`, `dlq list|replay` and `policy apply|show` against a real nats-server, and what
+the commands say when NATS is not there or refuses them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,11 @@ import pytest
 from contracts.events import ModelTrained
 from contracts.examples import example_event
 from deploy.local.natsconf import ADMIN_USER
+from deploy.local.parts import free_port
 from services.runtime.bus import EventBus
 from services.runtime.consumer import Delivery
 from services.runtime.errors import PermanentError
+from tests.servers import run_nats
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +34,7 @@ def conveyor(
     nats_server: Any, prefix: str, tmp_path: Path
 ) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run the `conveyor` CLI as the admin user on this test's prefix, outside any embedded stack."""
-    env = os.environ | {
+    base = os.environ | {
         "CONVEYOR_NATS_URL": nats_server.url,
         "CONVEYOR_NATS_USER": ADMIN_USER,
         "CONVEYOR_NATS_PASSWORD": nats_server.passwords[ADMIN_USER],
@@ -39,8 +43,16 @@ def conveyor(
         "COLUMNS": "200",
     }
 
-    def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CONVEYOR, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    def run(
+        *args: str, timeout: float = 30, env: dict[str, str] | None = None, background: bool = False
+    ) -> Any:
+        """The finished command, or with ``background`` the running one (stderr into stdout)."""
+        full = base | (env or {})
+        if background:
+            return subprocess.Popen(
+                [*CONVEYOR, *args], env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        return subprocess.run([*CONVEYOR, *args], env=full, capture_output=True, text=True, timeout=timeout)
 
     return run
 
@@ -133,3 +145,47 @@ def test_policy_apply_refuses_an_invalid_file_and_says_why(conveyor, tmp_path):
     out = conveyor("policy", "apply", str(bad))
     assert out.returncode == 2
     assert "invalid name 'Digits!'" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["datasets"],
+        ["events", "tail"],
+        ["dlq", "list"],
+        ["policy", "show", "digits"],
+        ["drift", "digits"],
+        ["train", "digits"],
+        ["streams"],
+    ],
+)
+def test_a_command_says_at_once_that_nats_is_not_there(conveyor, command):
+    """nats-py's default would retry forever (and ``max_reconnect_attempts=0`` means that too), logging a
+    traceback each time: a command tries once and says what to do next."""
+    nowhere = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    began = time.monotonic()
+    result = conveyor(*command, env={"CONVEYOR_NATS_URL": nowhere})
+    assert result.returncode == 1, result.stdout + result.stderr
+    said = " ".join((result.stdout + result.stderr).split())
+    assert f"cannot reach NATS at {nowhere}" in said and "Try `conveyor up`" in said, said
+    assert "Traceback" not in said
+    print(f"{command}: {time.monotonic() - began:.1f} s")  # a subprocess with its imports; was forever
+
+
+def test_a_refused_login_is_named_and_events_tail_ends_when_nats_goes(conveyor, tmp_path):
+    result = conveyor("dlq", "list", env={"CONVEYOR_NATS_PASSWORD": "not-the-password"})
+    said = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 1 and f"it refused the user {ADMIN_USER!r}" in said, said
+    assert "Traceback" not in said
+    # a command's connection does not reconnect: tail says so when its NATS stops, rather than hang
+    with run_nats(tmp_path / "own-nats") as own:
+        tail = conveyor(
+            "events",
+            "tail",
+            env={"CONVEYOR_NATS_URL": own.url, "CONVEYOR_NATS_PASSWORD": own.passwords[ADMIN_USER]},
+            background=True,
+        )
+        assert tail.stdout is not None
+        assert "listening on" in tail.stdout.readline()
+    out, _ = tail.communicate(timeout=30)
+    assert tail.returncode == 1 and "NATS closed the connection" in " ".join(out.split()), out

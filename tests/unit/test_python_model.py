@@ -96,6 +96,40 @@ def test_each_request_gets_its_own_rows_of_the_batch(model_py):
         assert response.outputs["embedding"].shape == embedding.shape
 
 
+@pytest.mark.parametrize("gpu_path", [False, True])
+def test_a_version_warms_up_before_triton_calls_it_ready(model_py, monkeypatch, gpu_path):
+    """The first calls of each shape are TorchScript's slow profiling runs: ``initialize`` makes them, on
+    zeros, at the batch sizes the first requests bring (on the GPU path, every padded size)."""
+    _, network, instance = model_py
+    seen = []
+    load = torch.jit.load
+
+    class Recorded:
+        def __init__(self, module):
+            self.module = module
+
+        def eval(self):
+            return self
+
+        def __call__(self, x):
+            seen.append((tuple(x.shape), bool(x.any())))
+            return self.module(x)
+
+    def recorded(path, map_location):
+        return Recorded(load(path, map_location="cpu"))
+
+    monkeypatch.setattr(torch.jit, "load", recorded)
+    if gpu_path:  # the GPU path on the CPU: a GPU instance whose pinning is swapped out
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+        monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: self)
+    model = instance(kind="GPU" if gpu_path else "CPU", max_batch=8)
+    sizes = [1, 2, 4, 8] if gpu_path else [1, 2, 3, 4]
+    assert seen == [((n, 1, 16, 16), False) for n in sizes for _ in range(2)]
+    batch = requests([3])  # and it answers as before
+    assert np.allclose(model.execute(batch)[0].outputs["logits"], expected(network, batch[0])[0], atol=1e-5)
+
+
 def test_batches_pad_to_a_power_of_two_in_a_reused_buffer(model_py, monkeypatch):
     namespace, network, instance = model_py
     bucket = namespace["_bucket"]
