@@ -68,38 +68,47 @@ def _refused_login(exc: BaseException) -> bool:
     return isinstance(exc, AuthorizationError) or "Authorization Violation" in str(exc)
 
 
-async def _command_error(exc: Exception) -> None:
-    """nats-py's default error callback logs a traceback for every failed try; a command's failed try is
-    raised to it instead (``NatsUnreachable``). Other errors (a permissions violation) are still logged."""
-    if not (isinstance(exc, OSError | asyncio.TimeoutError) or _refused_login(exc)):
-        logging.getLogger("nats").error("%s", exc)
+class _Tries:
+    """The error callback of a command's connection. nats-py's default logs a traceback for every failed
+    try; a command's failed try is raised to it instead (``NatsUnreachable``), naming the last try's error
+    rather than the "no servers available" that follows it. Other errors (a permissions violation) are
+    still logged."""
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+
+    async def note(self, exc: Exception) -> None:
+        self.errors.append(exc)
+        if not (isinstance(exc, OSError | asyncio.TimeoutError) or _refused_login(exc)):
+            logging.getLogger("nats").error("%s", exc)
+
+    def options(self) -> dict[str, Any]:
+        """``nats.connect`` keywords: one try at NATS, at once; nats-py's own default retries forever, and
+        ``max_reconnect_attempts=0`` means that too."""
+        return {
+            "allow_reconnect": False,
+            "connect_timeout": 3,
+            "max_reconnect_attempts": 1,  # the first connect tries each server this many times more
+            "reconnect_time_wait": 0.2,
+            "error_cb": self.note,  # nats-py wants a coroutine function
+        }
+
+    def unreachable(self, settings: Settings, exc: BaseException) -> NatsUnreachable:
+        cause = self.errors[-1] if isinstance(exc, NoServersError) and self.errors else exc
+        return NatsUnreachable(settings, cause)
 
 
-# A command (the CLI, a check) tries NATS once and fails at once with a reason; nats-py's own default
-# retries forever, and ``max_reconnect_attempts=0`` means that too.
-ONCE: dict[str, Any] = {
-    "allow_reconnect": False,
-    "connect_timeout": 3,
-    "max_reconnect_attempts": 1,  # the first connect tries each server this many times more: at 0, forever
-    "reconnect_time_wait": 0.2,
-    "error_cb": _command_error,
-}
+_CONNECT_ERRORS = (OSError, TimeoutError, NatsError)
 
 
 async def connect_once(settings: Settings) -> Client:
-    """A nats-py connection for one command: one try, ``NatsUnreachable`` when it fails."""
-    tries: list[Exception] = []
-
-    async def noted(exc: Exception) -> None:
-        tries.append(exc)
-        await _command_error(exc)
-
+    """A nats-py connection for one command (the CLI, a check): one try, ``NatsUnreachable`` when it
+    fails."""
+    tries = _Tries()
     try:
-        return await nats.connect(**settings.nats_connect_kwargs(), **(ONCE | {"error_cb": noted}))
-    except (OSError, TimeoutError, NatsError) as exc:
-        # "no servers available" once the tries are spent: the last try's error says why
-        cause = tries[-1] if isinstance(exc, NoServersError) and tries else exc
-        raise NatsUnreachable(settings, cause) from exc
+        return await nats.connect(**settings.nats_connect_kwargs(), **tries.options())
+    except _CONNECT_ERRORS as exc:
+        raise tries.unreachable(settings, exc) from exc
 
 
 async def publish_once(settings: Settings, event: Event) -> PubAck:
@@ -140,12 +149,12 @@ class EventBus:
     ) -> None:
         """``once``: for a command, one try at NATS and ``NatsUnreachable`` (a service waits for NATS)."""
         self.settings = settings
-        self.once = once
+        self._tries = _Tries() if once else None
         self.subjects = settings.subjects
         self.metrics = metrics or Metrics()
         self.tracer_provider = setup_tracing(settings, *span_processors)
         self.tracer = self.tracer_provider.get_tracer("conveyor.bus")
-        self.broker = make_broker(settings, **(ONCE if once else {}))
+        self.broker = make_broker(settings, **(self._tries.options() if self._tries else {}))
         self.source = f"conveyor/{settings.service}"
         self._consumers: list[tuple[Consumer[Any], str, str, int]] = []
         self._pulls: list[PullConsumer] = []
@@ -156,9 +165,9 @@ class EventBus:
         created where this user may, else ``NotProvisioned`` says how to provision them."""
         try:
             await self.broker.connect()
-        except (OSError, TimeoutError, NatsError) as exc:
-            if self.once:
-                raise NatsUnreachable(self.settings, exc) from exc
+        except _CONNECT_ERRORS as exc:
+            if self._tries:
+                raise self._tries.unreachable(self.settings, exc) from exc
             raise
         await ensure_streams(
             self.js,
