@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import re
 import shutil
@@ -574,6 +575,15 @@ async def test_bad_requests_get_clear_codes(world, trained, triton_server):
             assert response.json()["detail"], name
         ok = await world.predict(png)
         assert ok.status_code == 200  # and the gateway still answers
+        # Every answer is counted, under the version chosen (none before the body is read); names the
+        # gateway does not know make no series of their own.
+        count = functools.partial(world.metric, "conveyor_gateway_requests_total")
+        assert await count(model=world.model, version="1", route="active", status="422") == 1  # corrupt
+        assert await count(model=world.model, version="", status="422") == 1  # bad base64
+        assert await count(model=world.model, version="", status="401") == 1
+        assert await count(model=world.model, version="1", route="active", status="200") == 1
+        assert await count(model="", status="404") == 2  # before the model was known, and Not_A_Model
+        assert "Not_A_Model" not in (await world.http.get("/metrics")).text
         documented = (await world.http.get("/openapi.json")).json()["paths"]
         assert "post" in documented["/v1/models/{model}/predict"]  # served by GatewayApp, documented still
 
@@ -604,6 +614,7 @@ async def test_bad_requests_get_clear_codes(world, trained, triton_server):
         assert (await world.http.get(f"/v1/models/{world.model}")).json()["versions"][0]["ready"] is False
         failed = await world.predict(png)
         assert failed.status_code == 503 and failed.json()["error"] == "triton_unavailable", failed.text
+        assert await count(model=world.model, version="9", route="active", status="503") == 1
         for _ in range(100):
             errors = [x for e in world.logged for x in e.samples if not x.ok]
             if errors:

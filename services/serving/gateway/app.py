@@ -145,6 +145,7 @@ class ApiError(Exception):
     def __init__(self, status: int, error: str, detail: str, retry_after: str | None = None) -> None:
         super().__init__(detail)
         self.status, self.error, self.detail, self.retry_after = status, error, detail, retry_after
+        self.served: tuple[int, Route] | None = None  # the version and route chosen before it failed
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -195,13 +196,14 @@ class Gateway:
         self.metrics = CollectorRegistry()
         self.requests = Counter(
             "conveyor_gateway_requests",
-            "Predict requests by model, version, route and status code",
+            "Predict requests by model, version, route and status code (version and route empty when none "
+            "was chosen; model empty for a name the gateway does not know)",
             ["model", "version", "route", "status"],
             registry=self.metrics,
         )
         self.latency = Histogram(
             "conveyor_gateway_request_seconds",
-            "Predict request time",
+            "Predict request time, whatever the answer (model empty for a name the gateway does not know)",
             ["model"],
             registry=self.metrics,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
@@ -222,6 +224,12 @@ class Gateway:
         self.images_not_kept = Counter(
             "conveyor_gateway_images_not_kept",
             "Predicted images not kept for feedback (too many puts in flight, or the store refused)",
+            ["model"],
+            registry=self.metrics,
+        )
+        self.shadow_failed = Counter(
+            "conveyor_gateway_shadow_failed",
+            "Mirrored requests the shadow version did not answer (Triton's error is in the log)",
             ["model"],
             registry=self.metrics,
         )
@@ -262,7 +270,15 @@ class Gateway:
         chosen = choose(state, key)
         if chosen is None:
             raise ApiError(503, "not_deployed", f"model {model!r} has no version to serve yet", RETRY_AFTER_S)
-        version, route = chosen
+        try:
+            return await self._predict(model, state, *chosen, images)
+        except ApiError as exc:
+            exc.served = chosen
+            raise
+
+    async def _predict(
+        self, model: str, state: RolloutState, version: int, route: Route, images: list[bytes]
+    ) -> dict[str, Any]:
         spec = self._spec(model, version)
         policy = self.catalog.sampling(model)
         sampled = self.inference_log.sampled(model, policy.inference_log_rate if policy else None)
@@ -303,7 +319,6 @@ class Gateway:
         )
         self._after.add(task)
         task.add_done_callback(self._after.discard)
-        self.requests.labels(model, str(version), route, "200").inc()
         return {"model": model, "version": version, "route": route, "predictions": predictions}
 
     async def _after_answer(
@@ -403,6 +418,21 @@ class Gateway:
         )
         return {"stored": f"s3://{s.incoming_bucket}/{key}", "dataset": dataset, "label": label}
 
+    def observe(self, model: str, served: tuple[int, Route] | None, status: int, seconds: float) -> None:
+        """One predict request in the metrics. A name the gateway does not know counts as model "": names
+        made up by clients make no series of their own."""
+        named = model if model in self.catalog.states or self._known(model) else ""
+        version, route = (str(served[0]), served[1]) if served else ("", "")
+        self.requests.labels(named, version, route, str(status)).inc()
+        self.latency.labels(named).observe(seconds)
+
+    def _known(self, model: str) -> bool:
+        try:
+            validate_name(model)
+        except ValueError:
+            return False
+        return self.catalog.known(model)
+
     def state_of(self, model: str) -> RolloutState:
         try:
             validate_name(model)
@@ -432,16 +462,12 @@ class Gateway:
         if batch.dtype == np.uint8 and not spec.pixels:  # a shadow version without ``pixels``: the images
             batch = normalise_pixels(batch, spec.preprocessing)
         started = time.perf_counter()
-        try:
-            logits, embedding = await self.joiner.infer(
-                (model, version, batch.dtype.char, batch.shape[1:]),
-                batch,
-                self.catalog.max_batch(model),
-                functools.partial(self._send, model, version, spec),
-            )
-        except ApiError:
-            self.requests.labels(model, str(version), route, "503").inc()
-            raise
+        logits, embedding = await self.joiner.infer(
+            (model, version, batch.dtype.char, batch.shape[1:]),
+            batch,
+            self.catalog.max_batch(model),
+            functools.partial(self._send, model, version, spec),
+        )
         latency = (time.perf_counter() - started) * 1000
         return Answer(version, route, logits, embedding, latency)
 
@@ -498,6 +524,7 @@ class Gateway:
             try:
                 await self._shadow_one(model, batch, answer, samples)
             except Exception as exc:  # a mirror never fails anything but itself
+                self.shadow_failed.labels(model).inc()
                 self.log.warning("shadow request failed", model=model, error=repr(exc))
                 self._log(model, samples)
 
@@ -806,6 +833,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @app.post("/v1/models/{model}/predict", responses={200: PREDICT_RESPONSE})
     async def predict(model: str, request: Request) -> Response:
         """Classify one image or a batch; see the module docs for the encodings."""
+        started = time.perf_counter()
+        served: tuple[int, Route] | None = None
         try:
             authorize(request)
             policy = gateway.catalog.sampling(model)
@@ -820,29 +849,35 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                     )
             else:
                 answer = await _predict(model, request)
+            served = answer["version"], answer["route"]
+            # orjson straight to bytes: FastAPI's own encoding of a returned dict walks it first (≈55 µs)
+            response = Response(orjson.dumps(answer), media_type="application/json")
         except ApiError as exc:
-            return error_response(exc)
+            served, response = exc.served, error_response(exc)
         except Exception as exc:  # what FastAPI's error middleware would answer, in the gateway's form
             gateway.log.exception("predict failed", model=model)
-            return error_response(ApiError(500, "internal", f"the gateway failed: {exc!r}"))
-        # orjson straight to bytes: FastAPI's own encoding of a returned dict walks it first (≈55 µs here)
-        return Response(orjson.dumps(answer), media_type="application/json")
+            response = error_response(ApiError(500, "internal", f"the gateway failed: {exc!r}"))
+        gateway.observe(model, served, response.status_code, time.perf_counter() - started)
+        return response
 
     app.predict_endpoint = predict
 
     async def _predict(model: str, request: Request) -> dict[str, Any]:
-        started = time.perf_counter()
+        async with timeout_504():
+            gateway.state_of(model)  # an unknown model is a 404 whatever the body
+            images = await read_images(request, s.gateway_max_body_bytes, s.gateway_max_images)
+            return await gateway.predict(model, images, request.headers.get("x-request-key"))
+
+    @asynccontextmanager
+    async def timeout_504() -> AsyncIterator[None]:
+        """The request's timeout (``CONVEYOR_GATEWAY_REQUEST_TIMEOUT_S``), answered as a 504."""
         try:
             async with asyncio.timeout(s.gateway_request_timeout_s):
-                gateway.state_of(model)  # an unknown model is a 404 whatever the body
-                images = await read_images(request, s.gateway_max_body_bytes, s.gateway_max_images)
-                return await gateway.predict(model, images, request.headers.get("x-request-key"))
+                yield
         except TimeoutError as exc:
             raise ApiError(
                 504, "timeout", f"no answer within {s.gateway_request_timeout_s:.1f} s", RETRY_AFTER_S
             ) from exc
-        finally:
-            gateway.latency.labels(model).observe(time.perf_counter() - started)
 
     @app.post("/v1/models/{model}/feedback", status_code=202)
     async def feedback(model: str, request: Request) -> dict[str, Any]:
@@ -860,7 +895,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             raise ApiError(
                 422, "bad_feedback", 'send {"prediction_id": "<id from predict>", "label": "<true label>"}'
             )
-        async with asyncio.timeout(s.gateway_request_timeout_s):
+        async with timeout_504():
             return await gateway.feedback(model, doc["prediction_id"], doc["label"])
 
     @app.get("/v1/models")
