@@ -563,6 +563,12 @@ async def test_bad_requests_get_clear_codes(world, trained, triton_server):
                 413,
                 "too_many_images",
             ),
+            "no such path": (await world.http.get("/v1/model"), 404, "not_found"),
+            "wrong method": (
+                await world.http.get(f"/v1/models/{world.model}/predict"),
+                405,
+                "method_not_allowed",
+            ),
             "no boundary": (
                 await world.predict(png, headers={"Content-Type": "multipart/form-data"}),
                 400,

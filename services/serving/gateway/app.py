@@ -21,9 +21,10 @@ bytes, and no float conversion here.
 ``GET  /healthz``, ``/readyz``, ``/metrics``    live; ready when every routed version is ready in Triton
 ==============================================  =============================================================
 
-Errors: 400 (unparsable multipart), 401 (API key), 404 (unknown model), 413 (body too large, too many images),
-415 (not an image type), 422 (an image that cannot be decoded, with the reason), 503 with Retry-After (no
-deployed version, Triton down), 504 (timeout).
+Errors, each ``{"error": <code>, "detail": <what is wrong>}``: 400 (unparsable multipart), 401 (API key),
+404 (unknown model, or no such path), 405 (a method the path does not take), 413 (body too large, too many
+images), 415 (not an image type), 422 (an image that cannot be decoded, with the reason), 503 with
+Retry-After (no deployed version, Triton down), 504 (timeout).
 """
 
 from __future__ import annotations
@@ -816,6 +817,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:  # no such path, or method
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+        return JSONResponse({"error": code, "detail": exc.detail}, exc.status_code, headers=exc.headers)
 
     def authorize(request: Request) -> None:
         if not keys:
