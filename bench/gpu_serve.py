@@ -456,4 +456,8 @@ def main(args: Any) -> dict[str, Any]:
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "client":
+    import structlog
+
+    # stdout carries the one JSON result: the logs of the gateway's code (shm.py) go to stderr
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     print(json.dumps(asyncio.run(_clients(json.loads(sys.argv[2])))))
