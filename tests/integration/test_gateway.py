@@ -630,6 +630,36 @@ async def test_bad_requests_get_clear_codes(world, trained, triton_server):
         assert errors[0].label is None and errors[0].latency_ms >= 0
 
 
+async def test_a_stalled_body_gets_a_504_and_an_oversized_feedback_a_413(world):
+    """Every request has a timeout (CONVEYOR_GATEWAY_REQUEST_TIMEOUT_S), reading its body included: a
+    client that stops sending mid-body gets a 504, on predict and on feedback alike."""
+    await world.route(active_version=1)  # routed: the body is read before any version is needed
+    async with world.gateway(CONVEYOR_GATEWAY_REQUEST_TIMEOUT_S="1") as http:
+        for path, kind in (("predict", "image/png"), ("feedback", "application/json")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", http.base_url.port)
+            head = (
+                f"POST /v1/models/{world.model}/{path} HTTP/1.1\r\nHost: gateway\r\nX-API-Key: {KEY}\r\n"
+                f"Content-Type: {kind}\r\nContent-Length: 1000\r\n\r\n"
+            )
+            writer.write(head.encode() + b"{")  # 1 byte of the 1,000 announced, then nothing
+            await writer.drain()
+            async with asyncio.timeout(30):  # without a timeout of its own the gateway never answers
+                status = await reader.readline()
+                headers = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
+                length = int(re.search(r"content-length: (\d+)", headers).group(1))
+                body = json.loads(await reader.readexactly(length))
+            writer.close()
+            assert status.split()[1] == b"504", (path, status, body)
+            assert body["error"] == "timeout" and "1.0 s" in body["detail"], body
+        assert await world.metric("conveyor_gateway_requests_total", model=world.model, status="504") == 1
+        big = await http.post(
+            f"/v1/models/{world.model}/feedback",
+            json={"prediction_id": "x" * 70_000, "label": "3"},
+            headers={"X-API-Key": KEY},
+        )
+        assert big.status_code == 413 and big.json()["error"] == "too_large", big.text
+
+
 async def test_feedback_becomes_labelled_data_that_ingest_versions(
     world, trained, s3_server, nats_server, tmp_path
 ):

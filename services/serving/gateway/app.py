@@ -92,6 +92,7 @@ INLINE_DECODE_BYTES = 64 * 1024
 # Answered predictions whose work after the answer is still running; beyond, NATS is taking no more writes
 # and the images of further predictions are not kept (counted in conveyor_gateway_images_not_kept).
 MAX_IMAGES_BEING_KEPT = 256
+FEEDBACK_MAX_BYTES = 64 * 1024  # a feedback body is a prediction id and a label
 INLINE_STATS_VALUES = 128 * 128  # statistics of larger prepared images are computed in a thread
 _EXTENSIONS = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpg", b"II*\x00": "tif", b"MM\x00*": "tif"}
 
@@ -750,15 +751,11 @@ async def read_images(request: Request, limit: int, max_images: int) -> list[byt
         if sum(map(len, images)) > limit:
             raise ApiError(413, "too_large", f"the files add up to more than {limit:,} bytes")
     else:
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, "too_large", f"the body is over the limit of {limit:,} bytes")
+        body = await read_body(request, limit)
         if kind.startswith("image/") or kind == "application/octet-stream":
-            images = [bytes(body)]
+            images = [body]
         elif kind == "application/json":
-            images = _json_images(bytes(body))
+            images = _json_images(body)
         else:
             raise ApiError(
                 415,
@@ -773,6 +770,16 @@ async def read_images(request: Request, limit: int, max_images: int) -> list[byt
             413, "too_many_images", f"{len(images)} images, over the limit of {max_images} per request"
         )
     return images
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused with a 413 as soon as it passes ``limit`` bytes."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "too_large", f"the body is over the limit of {limit:,} bytes")
+    return bytes(body)
 
 
 def _json_images(body: bytes) -> list[bytes]:
@@ -889,19 +896,22 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def feedback(model: str, request: Request) -> dict[str, Any]:
         """The true label of an earlier prediction: new labelled data, and live accuracy for the monitor."""
         authorize(request)
-        try:
-            doc = await request.json()
-        except ValueError as exc:
-            raise ApiError(422, "bad_json", f"the body is not JSON: {exc}") from exc
-        if (
-            not isinstance(doc, dict)
-            or not isinstance(doc.get("prediction_id"), str)
-            or not isinstance(doc.get("label"), str)
-        ):
-            raise ApiError(
-                422, "bad_feedback", 'send {"prediction_id": "<id from predict>", "label": "<true label>"}'
-            )
         async with timeout_504():
+            body = await read_body(request, FEEDBACK_MAX_BYTES)
+            try:
+                doc = json.loads(body)
+            except ValueError as exc:
+                raise ApiError(422, "bad_json", f"the body is not JSON: {exc}") from exc
+            if (
+                not isinstance(doc, dict)
+                or not isinstance(doc.get("prediction_id"), str)
+                or not isinstance(doc.get("label"), str)
+            ):
+                raise ApiError(
+                    422,
+                    "bad_feedback",
+                    'send {"prediction_id": "<id from predict>", "label": "<true label>"}',
+                )
             return await gateway.feedback(model, doc["prediction_id"], doc["label"])
 
     @app.get("/v1/models")
