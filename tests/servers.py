@@ -213,13 +213,14 @@ class TritonServer:
     metrics_port: int
     model_repository: Path
     log_path: Path
+    pid: int
 
 
 @contextmanager
 def run_triton(root: Path) -> Iterator[TritonServer]:
     """The bundled tritonserver with its repository at ``root/models`` and the Python backend ready."""
     http, grpc, metrics = free_port(), free_port(), free_port()
-    with run_part(triton_part(root, http, grpc, metrics), root.parent / f"{root.name}.log"):
+    with run_part(triton_part(root, http, grpc, metrics), root.parent / f"{root.name}.log") as proc:
         yield TritonServer(
             url=f"http://127.0.0.1:{http}",
             grpc_url=f"127.0.0.1:{grpc}",
@@ -229,6 +230,7 @@ def run_triton(root: Path) -> Iterator[TritonServer]:
             metrics_port=metrics,
             model_repository=root / "models",
             log_path=root.parent / f"{root.name}.log",
+            pid=proc.pid,
         )
 
 

@@ -11,8 +11,10 @@ import asyncio
 import base64
 import functools
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -630,10 +632,11 @@ async def test_bad_requests_get_clear_codes(world, trained, triton_server):
         assert errors[0].label is None and errors[0].latency_ms >= 0
 
 
-async def test_a_stalled_body_gets_a_504_and_an_oversized_feedback_a_413(world):
+async def test_a_stalled_client_or_a_stuck_triton_gets_an_answer_in_time(world, trained, triton_server):
     """Every request has a timeout (CONVEYOR_GATEWAY_REQUEST_TIMEOUT_S), reading its body included: a
-    client that stops sending mid-body gets a 504, on predict and on feedback alike."""
-    await world.route(active_version=1)  # routed: the body is read before any version is needed
+    client that stops sending mid-body gets a 504, on predict and on feedback alike. A Triton that stops
+    answering (SIGSTOP) gets predict a 503 or 504 with Retry-After, and /readyz a 503, not a hang."""
+    await world.route(active_version=1)
     async with world.gateway(CONVEYOR_GATEWAY_REQUEST_TIMEOUT_S="1") as http:
         for path, kind in (("predict", "image/png"), ("feedback", "application/json")):
             reader, writer = await asyncio.open_connection("127.0.0.1", http.base_url.port)
@@ -658,6 +661,19 @@ async def test_a_stalled_body_gets_a_504_and_an_oversized_feedback_a_413(world):
             headers={"X-API-Key": KEY},
         )
         assert big.status_code == 413 and big.json()["error"] == "too_large", big.text
+
+        await world.deploy(trained[0], 1, 1)
+        _, png = digit_png()
+        assert (await world.predict(png)).status_code == 200
+        os.kill(triton_server.pid, signal.SIGSTOP)
+        try:
+            stuck = await world.predict(png)
+            ready = await http.get("/readyz")
+        finally:
+            os.kill(triton_server.pid, signal.SIGCONT)
+        assert stuck.status_code in (503, 504) and stuck.headers["retry-after"], stuck.text
+        assert ready.status_code == 503, ready.text
+        assert (await world.predict(png)).status_code == 200  # Triton back: answers again
 
 
 async def test_feedback_becomes_labelled_data_that_ingest_versions(

@@ -625,8 +625,11 @@ class Gateway:
         }
 
     async def _version_ready(self, model: str, version: int) -> bool:
+        """Triton calls the version ready; False when it says otherwise or does not answer within the
+        request timeout (a stuck Triton must not hang ``/readyz``)."""
+        timeout = self.settings.gateway_request_timeout_s
         try:
-            return bool(await self._clients[0].is_model_ready(model, str(version)))
+            return bool(await self._clients[0].is_model_ready(model, str(version), client_timeout=timeout))
         except Exception:
             return False
 
