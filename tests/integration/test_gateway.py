@@ -671,8 +671,19 @@ async def test_a_stalled_client_or_a_stuck_triton_gets_an_answer_in_time(world, 
             ready = await http.get("/readyz")
         finally:
             os.kill(triton_server.pid, signal.SIGCONT)
+        # the request's own timeout, or gRPC's deadline a moment later (Triton unavailable)
         assert stuck.status_code in (503, 504) and stuck.headers["retry-after"], stuck.text
         assert ready.status_code == 503, ready.text
+        # counted under its version, and logged as a failure of it (the monitor's canary error rate)
+        status = str(stuck.status_code)
+        counted = await world.metric("conveyor_gateway_requests_total", version="1", status=status)
+        assert counted == 1
+        for _ in range(100):
+            failed = [x for e in world.logged for x in e.samples if not x.ok]
+            if failed:
+                break
+            await asyncio.sleep(0.05)
+        assert [(x.version, x.error) for x in failed] == [(1, stuck.json()["error"])]
         assert (await world.predict(png)).status_code == 200  # Triton back: answers again
 
 

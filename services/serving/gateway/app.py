@@ -150,6 +150,10 @@ class ApiError(Exception):
         self.served: tuple[int, Route] | None = None  # the version and route chosen before it failed
 
 
+def timed_out(seconds: float) -> ApiError:
+    return ApiError(504, "timeout", f"no answer within {seconds:.1f} s", RETRY_AFTER_S)
+
+
 def error_response(exc: ApiError) -> JSONResponse:
     """``{"error": <code>, "detail": <what is wrong>}`` with the status, and Retry-After when there is one."""
     headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
@@ -267,19 +271,35 @@ class Gateway:
 
     # ---- predict -----------------------------------------------------------------------------------------
 
-    async def predict(self, model: str, images: list[bytes], key: str | None) -> dict[str, Any]:
+    async def predict(
+        self, model: str, images: list[bytes], key: str | None, deadline: float
+    ) -> dict[str, Any]:
+        """``images`` answered by the version the rollout state routes ``key`` to, by ``deadline`` (the
+        event loop's clock) or a 504."""
         state = self.state_of(model)
         chosen = choose(state, key)
         if chosen is None:
             raise ApiError(503, "not_deployed", f"model {model!r} has no version to serve yet", RETRY_AFTER_S)
+        timeout = asyncio.timeout_at(deadline)
         try:
-            return await self._predict(model, state, *chosen, images)
+            async with timeout:
+                return await self._predict(model, state, *chosen, images, timeout)
+        except TimeoutError as exc:
+            error = timed_out(self.settings.gateway_request_timeout_s)
+            error.served = chosen
+            raise error from exc
         except ApiError as exc:
             exc.served = chosen
             raise
 
     async def _predict(
-        self, model: str, state: RolloutState, version: int, route: Route, images: list[bytes]
+        self,
+        model: str,
+        state: RolloutState,
+        version: int,
+        route: Route,
+        images: list[bytes],
+        timeout: asyncio.Timeout,
     ) -> dict[str, Any]:
         spec = self._spec(model, version)
         policy = self.catalog.sampling(model)
@@ -296,9 +316,11 @@ class Gateway:
         started = time.perf_counter()
         try:
             answer = await self._infer(model, version, route, spec, batch)
-        except ApiError as exc:  # the monitor counts failed requests per version (canary error rate)
-            if sampled:
-                self._log(model, _failed(len(images), version, route, started, exc.error, _stats(prepared)))
+        except (ApiError, asyncio.CancelledError) as exc:
+            # the monitor counts failed requests per version (canary error rate), timeouts too
+            error = exc.error if isinstance(exc, ApiError) else "timeout" if timeout.expired() else None
+            if sampled and error:
+                self._log(model, _failed(len(images), version, route, started, error, _stats(prepared)))
             raise
         probabilities = _softmax(answer.logits)
         top = probabilities.argmax(axis=1).tolist()
@@ -879,21 +901,23 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.predict_endpoint = predict
 
     async def _predict(model: str, request: Request) -> dict[str, Any]:
-        async with timeout_504():
+        deadline = asyncio.get_running_loop().time() + s.gateway_request_timeout_s
+        async with timeout_504(deadline):
             gateway.state_of(model)  # an unknown model is a 404 whatever the body
             images = await read_images(request, s.gateway_max_body_bytes, s.gateway_max_images)
-            return await gateway.predict(model, images, request.headers.get("x-request-key"))
+        return await gateway.predict(model, images, request.headers.get("x-request-key"), deadline)
 
     @asynccontextmanager
-    async def timeout_504() -> AsyncIterator[None]:
-        """The request's timeout (``CONVEYOR_GATEWAY_REQUEST_TIMEOUT_S``), answered as a 504."""
+    async def timeout_504(deadline: float | None = None) -> AsyncIterator[None]:
+        """The request's timeout (``CONVEYOR_GATEWAY_REQUEST_TIMEOUT_S`` from now, or until ``deadline``),
+        answered as a 504."""
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + s.gateway_request_timeout_s
         try:
-            async with asyncio.timeout(s.gateway_request_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 yield
         except TimeoutError as exc:
-            raise ApiError(
-                504, "timeout", f"no answer within {s.gateway_request_timeout_s:.1f} s", RETRY_AFTER_S
-            ) from exc
+            raise timed_out(s.gateway_request_timeout_s) from exc
 
     @app.post("/v1/models/{model}/feedback", status_code=202)
     async def feedback(model: str, request: Request) -> dict[str, Any]:
