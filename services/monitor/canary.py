@@ -133,7 +133,7 @@ def judge(step: CanaryStep, policy: ModelPolicy, now: datetime) -> CanaryVerdict
                 share,
                 rules.max_disagreement,
                 share <= rules.max_disagreement,
-                f"{step.disagreed} of {step.shadowed} shadowed requests answered differently",
+                f"{step.disagreed} of {step.shadowed} shadowed predictions answered differently",
             )
         )
     else:
@@ -166,7 +166,7 @@ def _error_rate(canary: Side, champion: Side, increase: float) -> GateResult:
         canary.error_rate,
         limit,
         canary.error_rate <= limit,
-        f"{canary.errors} of {canary.samples} sampled canary requests failed "
+        f"{canary.errors} of {canary.samples} sampled canary predictions failed "
         f"(champion {champion.errors} of {champion.samples})",
     )
 
