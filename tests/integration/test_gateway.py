@@ -399,6 +399,20 @@ async def test_shared_memory_regions_are_reused_within_their_budget_and_refused_
     full = shm.SharedInputs(client, 8 * 1024**2, retire_after_s=0.1)
     assert await full.take(1000) is None
     assert not full.enabled and full.budget == 0
+
+    # a Triton that does not answer (stopped): this request goes as bytes, the next ones try again
+    monkeypatch.setattr(shm, "SHM_DIR", Path("/dev/shm"))
+    later = shm.SharedInputs(client, 8 * 1024**2, retire_after_s=0.5)
+    os.kill(triton_server.pid, signal.SIGSTOP)
+    try:
+        assert await later.take(1000) is None
+    finally:
+        os.kill(triton_server.pid, signal.SIGCONT)
+    assert later.enabled and later.allocated == 0
+    region = await later.take(1000)
+    assert region is not None and region.name in await _our_regions(triton_server)
+    later.give(region)
+    await later.stop()
     await client.close()
 
 

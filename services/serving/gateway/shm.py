@@ -68,6 +68,7 @@ class SharedInputs:
     client)."""
 
     def __init__(self, client: Any, budget_bytes: int, retire_after_s: float) -> None:
+        """``retire_after_s``: the request timeout; also how long each call to Triton here may take."""
         self.client = client
         self.budget = budget_bytes  # 0: off (so set, too, when Triton refuses the regions)
         self.retire_after_s = retire_after_s
@@ -92,14 +93,18 @@ class SharedInputs:
             return
         _unlink_dead(self._prefix)
         try:
-            status = await self.client.get_system_shared_memory_status(as_json=True)
+            status = await self.client.get_system_shared_memory_status(
+                as_json=True, client_timeout=self.retire_after_s
+            )
         except Exception:  # Triton not up yet: nothing registered to clean now
             return
         for region in status.get("regions", {}).values():
             name = str(region.get("name", ""))
             if name.startswith(self._prefix) and _dead(name, self._prefix):
                 try:
-                    await self.client.unregister_system_shared_memory(name)
+                    await self.client.unregister_system_shared_memory(
+                        name, client_timeout=self.retire_after_s
+                    )
                 except Exception as exc:
                     self.log.warning("stale shared-memory region stays", region=name, error=repr(exc))
 
@@ -156,10 +161,12 @@ class SharedInputs:
             return None
         self.allocated += size
         try:
-            await self.client.register_system_shared_memory(name, f"/{name}", size)
+            await self.client.register_system_shared_memory(
+                name, f"/{name}", size, client_timeout=self.retire_after_s
+            )
         except Exception as exc:
             await self._release(region, unregister=False)
-            if _unreachable(exc):  # Triton is down: this request fails anyway; try again next time
+            if _unreachable(exc):  # Triton is down or stuck: this request fails anyway; try next time
                 return None
             self.budget = 0
             self.log.warning(
@@ -189,7 +196,9 @@ class SharedInputs:
     async def _release(self, region: Region, *, unregister: bool = True) -> None:
         if unregister:
             try:
-                await self.client.unregister_system_shared_memory(region.name)
+                await self.client.unregister_system_shared_memory(
+                    region.name, client_timeout=self.retire_after_s
+                )
             except Exception as exc:  # Triton gone: nothing of it holds the region any more
                 self.log.debug("shared-memory region not unregistered", region=region.name, error=repr(exc))
         region.close()
@@ -217,5 +226,7 @@ def _dead(name: str, prefix: str) -> bool:
 
 
 def _unreachable(exc: Exception) -> bool:
+    """Triton is down, or did not answer in time (not: it refused the region)."""
     status = getattr(exc, "status", None)
-    return "UNAVAILABLE" in str(status() if callable(status) else status) or "UNAVAILABLE" in str(exc)
+    said = f"{status() if callable(status) else status} {exc}"
+    return "UNAVAILABLE" in said or "DEADLINE_EXCEEDED" in said
