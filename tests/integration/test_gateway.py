@@ -408,7 +408,11 @@ async def test_shared_memory_regions_are_reused_within_their_budget_and_refused_
         assert await later.take(1000) is None
     finally:
         os.kill(triton_server.pid, signal.SIGCONT)
-    assert later.enabled and later.allocated == 0
+    assert later.enabled
+    await asyncio.sleep(1.5)  # Triton, going on, may register it: the region is retired all the same
+    assert later.allocated == 0 and not any(
+        n.startswith(later._owner) for n in await _our_regions(triton_server)
+    )
     region = await later.take(1000)
     assert region is not None and region.name in await _our_regions(triton_server)
     later.give(region)

@@ -165,9 +165,10 @@ class SharedInputs:
                 name, f"/{name}", size, client_timeout=self.retire_after_s
             )
         except Exception as exc:
-            await self._release(region, unregister=False)
             if _unreachable(exc):  # Triton is down or stuck: this request fails anyway; try next time
+                self.retire(region)  # it may register the region yet: unregistered and freed later
                 return None
+            await self._release(region, unregister=False)
             self.budget = 0
             self.log.warning(
                 "Triton cannot use this host's shared memory (it runs on another host, or in a container "
