@@ -36,8 +36,10 @@ unit: $(STAMP)  ## only the tests that need no server
 	$(BIN)/pytest -m "unit or not (integration or e2e)" tests/unit tests/contract
 
 bench: $(STAMP)  ## print the benchmark figures (one JSON line each)
+	$(BIN)/python bench/up.py
 	$(BIN)/python bench/bus.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/transport.py

@@ -33,6 +33,7 @@ __all__ = [
     "port_is_free",
     "spawn",
     "stop_process",
+    "stop_processes",
     "tail",
     "wait_healthy",
 ]
@@ -189,16 +190,24 @@ def wait_healthy(part: Part, proc: subprocess.Popen[bytes], log: Path | None = N
 
 def stop_process(pid: int, timeout: float = 15.0) -> bool:
     """SIGTERM the process group led by ``pid``, SIGKILL it after ``timeout``; True when it had to kill."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
+    return bool(stop_processes([pid], timeout))
+
+
+def stop_processes(pids: list[int], timeout: float = 15.0) -> set[int]:
+    """``stop_process`` for several process groups at once, so they stop side by side; the pids killed."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _group_alive(pid):
-            return False
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    return True
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in alive if _group_alive(pid)}
+        if alive:
+            time.sleep(0.05)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    return alive
 
 
 def _group_alive(pgid: int) -> bool:

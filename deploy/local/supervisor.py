@@ -1,10 +1,11 @@
 """The supervisor of the embedded stack, which ``conveyor up`` runs detached (``python -m ...supervisor``).
 
-It starts every part as its own process, in order (nats, s3, mlflow, triton, then the services of
-``deploy.local.services.STACK_SERVICES``), each healthy before the next; creates the streams and KV buckets
-once NATS is up and the traces experiment once MLflow is up. Each child's output goes to a rotated
+It starts every part as its own process: the servers (nats, s3, mlflow, triton) side by side; once all are
+healthy, the streams and KV buckets and the traces experiment; then the services of
+``deploy.local.services.STACK_SERVICES`` side by side. Each child's output goes to a rotated
 ``<state>/logs/<part>.log``. A crashed child restarts with exponential backoff (reset after a stable run).
-``<state>/run/stack.json`` says what runs; SIGTERM stops the children in reverse order (SIGTERM, SIGKILL).
+``<state>/run/stack.json`` says what runs; SIGTERM stops the services side by side, then the servers side by
+side (SIGTERM, then SIGKILL).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import nats
 from deploy.local.builders import stack_servers
 from deploy.local.children import LOG_BACKUPS, LOG_MAX_BYTES, Child, now_iso, rotating_logger
 from deploy.local.config import StackSettings
-from deploy.local.parts import Part, PartError, stop_process
+from deploy.local.parts import Part, PartError, stop_processes
 from deploy.local.secrets import LocalSecrets
 from deploy.local.services import STACK_SERVICES, ServiceSpec, service_part, threads_per_service
 from deploy.local.state import process_identity, write_json, write_pid_file
@@ -111,49 +112,66 @@ class Supervisor:
         return code
 
     def _start_all(self) -> None:
-        for child in list(self.children):
-            self._start_and_wait(child)
+        """The servers side by side; once all are healthy, the streams, the traces experiment, and then the
+        services side by side (each one's start is mostly imports, which overlap well)."""
+        servers = list(self.children)
+        self._start_and_wait(servers)
+        for child in servers:
             if child.part.name == "nats":
                 self._ensure_streams(child)
             elif child.part.name == "mlflow":
                 self.experiment_id = self._experiment(child)
         threads = threads_per_service(len(self.services))
-        while self.pending_services:
-            spec = self.pending_services.pop(0)
-            part = service_part(
-                spec, self.settings, self.secrets, threads=threads, experiment_id=self.experiment_id
+        services = [
+            self._child(
+                service_part(
+                    spec, self.settings, self.secrets, threads=threads, experiment_id=self.experiment_id
+                )
             )
-            child = self._child(part)
-            self.children.append(child)
-            self._start_and_wait(child)
+            for spec in self.pending_services
+        ]
+        self.children += services
+        self.pending_services.clear()
+        self._start_and_wait(services)
 
-    def _start_and_wait(self, child: Child) -> None:
-        try:
-            child.start()
-        except OSError as exc:
-            child.status = "failed"
-            raise PartError(f"{child.part.name} could not start: {exc}") from exc
-        self.write_state()
-        while not child.part.health.ok():
-            if self.stopping.wait(0.1):
-                raise PartError("stopped while starting")
-            assert child.proc is not None
-            waited = time.monotonic() - child.started
-            if child.proc.poll() is not None or waited > child.part.ready_timeout_s:
+    def _start_and_wait(self, children: list[Child]) -> None:
+        """Start ``children`` together and wait until each is healthy, or raise for the first that exits or
+        stays unhealthy past its ``ready_timeout_s``."""
+        for child in children:
+            try:
+                child.start()
+            except OSError as exc:
                 child.status = "failed"
-                child.last_exit = child.proc.poll()
-                why = (
-                    f"exited with code {child.last_exit}"
-                    if child.last_exit is not None
-                    else "did not get healthy"
-                )
-                raise PartError(
-                    f"{child.part.name} {why} within {waited:.0f} s ({child.part.health.describe()}); "
-                    f"see {child.log_path}"
-                )
-        child.status, child.healthy_after_s = "healthy", round(time.monotonic() - child.started, 2)
-        log.info("%s healthy after %.1f s", child.part.name, child.healthy_after_s)
+                raise PartError(f"{child.part.name} could not start: {exc}") from exc
         self.write_state()
+        waiting = list(children)
+        while waiting:
+            for child in list(waiting):
+                if child.part.health.ok():
+                    child.status, child.healthy_after_s = (
+                        "healthy",
+                        round(time.monotonic() - child.started, 2),
+                    )
+                    log.info("%s healthy after %.1f s", child.part.name, child.healthy_after_s)
+                    waiting.remove(child)
+                    self.write_state()
+                    continue
+                assert child.proc is not None
+                waited = time.monotonic() - child.started
+                if child.proc.poll() is not None or waited > child.part.ready_timeout_s:
+                    child.status = "failed"
+                    child.last_exit = child.proc.poll()
+                    why = (
+                        f"exited with code {child.last_exit}"
+                        if child.last_exit is not None
+                        else "did not get healthy"
+                    )
+                    raise PartError(
+                        f"{child.part.name} {why} within {waited:.0f} s ({child.part.health.describe()}); "
+                        f"see {child.log_path}"
+                    )
+            if waiting and self.stopping.wait(0.1):
+                raise PartError("stopped while starting")
 
     def _ensure_streams(self, child: Child) -> None:
         try:
@@ -230,15 +248,20 @@ class Supervisor:
     def _stop_all(self) -> None:
         self.status = "stopping"
         self.write_state()
-        for child in reversed(self.children):
-            if child.proc is not None and child.proc.poll() is None:
-                killed = stop_process(child.proc.pid, self.settings.stop_timeout_s)
+        # The services side by side, then the servers they use side by side.
+        for kind in ("service", "server"):
+            children = [c for c in self.children if c.part.kind == kind]
+            running = [c for c in children if c.proc is not None and c.proc.poll() is None]
+            killed = stop_processes([c.proc.pid for c in running if c.proc], self.settings.stop_timeout_s)
+            for child in running:
+                assert child.proc is not None
                 child.proc.wait()
-                verb = "killed (did not stop in time)" if killed else "stopped"
+                verb = "killed (did not stop in time)" if child.proc.pid in killed else "stopped"
                 log.info("%s %s", child.part.name, verb)
                 child.logger.info(f"[supervisor {now_iso()}] {verb}")
-            if child.status != "failed":
-                child.status = "stopped"
+            for child in children:
+                if child.status != "failed":
+                    child.status = "stopped"
         self.status = "stopped"
         self.write_state()
         try:

@@ -68,13 +68,11 @@ def status_json(env: dict[str, str]) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
-def up(env: dict[str, str]) -> float:
+def up(env: dict[str, str]) -> None:
     start = time.monotonic()
     result = conveyor(env, "up")
-    took = time.monotonic() - start
     assert result.returncode == 0, result.stdout + result.stderr
-    print(f"conveyor up took {took:.1f} s")
-    return took
+    print(f"conveyor up took {time.monotonic() - start:.1f} s")
 
 
 def stack_ports(env: dict[str, str]) -> list[int]:
@@ -114,8 +112,7 @@ async def read_back(endpoints: dict[str, Any], stream: str, seq: int) -> bytes:
 
 
 def test_up_status_down_up_keeps_the_data(stack_env: dict[str, str]) -> None:
-    took = up(stack_env)
-    assert took < 90, f"conveyor up took {took:.1f} s (target < 30 s)"
+    up(stack_env)  # how long it takes is bench/up.py's figure
 
     status = status_json(stack_env)
     assert status["healthy"], json.dumps(status, indent=2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -166,20 +165,7 @@ def test_a_path_gives_the_same_answer_as_bytes(
 def test_the_default_limits_admit_a_200_mb_16_bit_tiff() -> None:
     data = images.large_tiff16(10_000, 10_000)
     assert len(data) > 200_000_000
-    started = time.perf_counter()
-    info = check_image(data, DEFAULT_LIMITS)
-    elapsed = time.perf_counter() - started
-    assert info == _info("TIFF", 10_000, 10_000, 1, "uint16", 16)
-    assert elapsed < 3, f"validating a 200 MB TIFF took {elapsed:.2f} s"
-
-
-def test_a_thousand_small_pngs_take_well_under_a_second_of_cpu() -> None:
-    pngs = [png for _, _, png in images.digits_images(1000)]
-    started = time.process_time()
-    results = [check_image(png) for png in pngs]
-    cpu = time.process_time() - started
-    assert all(isinstance(r, ImageInfo) for r in results)
-    assert cpu < 0.5, f"1,000 small PNGs took {cpu:.2f} s of CPU"
+    assert check_image(data, DEFAULT_LIMITS) == _info("TIFF", 10_000, 10_000, 1, "uint16", 16)
 
 
 def test_every_digit_image_is_a_valid_file_under_a_valid_key(tmp_path: Path) -> None:
@@ -278,17 +264,26 @@ BOMBS: list[tuple[str, Callable[[], bytes], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("make", "declared"), [b[1:] for b in BOMBS], ids=[b[0] for b in BOMBS])
-def test_decompression_bombs_are_refused_fast(make: Callable[[], bytes], declared: str) -> None:
-    data = make()
-    assert len(data) < 10_000
-    started = time.perf_counter()
-    rejection = _rejected(data)
-    elapsed = time.perf_counter() - started
+@pytest.mark.parametrize(("fmt", "make", "declared"), BOMBS, ids=[b[0] for b in BOMBS])
+def test_decompression_bombs_are_refused_before_any_pixel_is_decoded(
+    fmt: str, make: Callable[[], bytes], declared: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the header alone: every decoder check_image may call raises here (how long a refusal takes is
+    measured by bench/preprocess.py)."""
+    bomb = make()
+    assert len(bomb) < 10_000
+    small = {"png": images.rgb_png, "jpeg": images.jpeg, "tiff": images.gray16_tiff}[fmt]()
+
+    def decoded(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a decoder ran")
+
+    for owner, name in ((ImageFile.ImageFile, "load"), (Image.Image, "load"), (tifffile.TiffPage, "asarray")):
+        monkeypatch.setattr(owner, name, decoded)
+    assert "a decoder ran" in _rejected(small).reason, "a decoder is not caught: the test would prove nothing"
+    rejection = _rejected(bomb)
     assert rejection.code == "too_many_pixels"
     assert declared in rejection.reason
     assert "over the limit of 250 Mpx (CONVEYOR_INGEST_MAX_PIXELS)" in rejection.reason
-    assert elapsed < 0.5, f"refusing a bomb took {elapsed:.3f} s"
 
 
 def test_the_pixel_limit_reason_reads_like_the_example() -> None:
