@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deploy.local.config import StackSettings
 from deploy.local.state import read_json
 from tests.servers import free_stack_env
 
@@ -44,7 +45,7 @@ def conveyor(env: dict[str, str], *args: str) -> float:
 
 def ready_in(state_dir: Path) -> dict[str, float]:
     """Each part's seconds from its start to healthy, in the order the supervisor started them."""
-    state = read_json(state_dir / "run" / "stack.json") or {}
+    state = read_json(StackSettings(state_dir=state_dir).state_file) or {}
     return {part["name"]: part["healthy_after_s"] for part in state.get("parts", [])}
 
 

@@ -251,12 +251,11 @@ class Supervisor:
         # The services side by side, then the servers they use side by side.
         for kind in ("service", "server"):
             children = [c for c in self.children if c.part.kind == kind]
-            running = [c for c in children if c.proc is not None and c.proc.poll() is None]
-            killed = stop_processes([c.proc.pid for c in running if c.proc], self.settings.stop_timeout_s)
-            for child in running:
-                assert child.proc is not None
-                child.proc.wait()
-                verb = "killed (did not stop in time)" if child.proc.pid in killed else "stopped"
+            running = [(c, c.proc) for c in children if c.proc is not None and c.proc.poll() is None]
+            killed = stop_processes([proc.pid for _, proc in running], self.settings.stop_timeout_s)
+            for child, proc in running:
+                proc.wait()
+                verb = "killed (did not stop in time)" if proc.pid in killed else "stopped"
                 log.info("%s %s", child.part.name, verb)
                 child.logger.info(f"[supervisor {now_iso()}] {verb}")
             for child in children:
