@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import threading
@@ -69,7 +70,14 @@ class Child:
         assert self.proc.stdout is not None
         threading.Thread(target=_pump, args=(self.proc.stdout, self.logger), daemon=True).start()
         self.started, self.started_at, self.status = time.monotonic(), now_iso(), "starting"
-        self.logger.info(f"[supervisor {now_iso()}] started {self.part.name} (pid {self.proc.pid})")
+        self.note("started", pid=self.proc.pid)
+
+    def note(self, event: str, level: str = "info", **fields: Any) -> None:
+        """A line of the supervisor's in the part's log, as the services write theirs (JSON, ``service``
+        "supervisor"), so that a service's log holds JSON lines only."""
+        line = {"service": "supervisor", "part": self.part.name, "event": event, **fields}
+        at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # as structlog stamps the services' lines
+        self.logger.info(json.dumps({**line, "level": level, "timestamp": at}))
 
     def as_json(self) -> dict[str, Any]:
         pid = self.proc.pid if self.proc and self.proc.poll() is None else None

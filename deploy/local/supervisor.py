@@ -241,9 +241,10 @@ class Supervisor:
         child.failures = 1 if ran >= STABLE_AFTER_S else child.failures + 1
         delay = min(BACKOFF_BASE_S * 2 ** (child.failures - 1), BACKOFF_MAX_S)
         child.status, child.next_start = "restarting", now + delay
-        msg = f"{child.part.name} exited ({child.last_exit}) after {ran:.0f} s; restart in {delay:.0f} s"
-        log.warning(msg)
-        child.logger.info(f"[supervisor {now_iso()}] {msg}")
+        log.warning(
+            "%s exited (%s) after %.0f s; restart in %.0f s", child.part.name, child.last_exit, ran, delay
+        )
+        child.note("exited", "warning", exit=child.last_exit, ran_s=round(ran, 1), restart_in_s=delay)
 
     def _stop_all(self) -> None:
         self.status = "stopping"
@@ -257,7 +258,7 @@ class Supervisor:
                 proc.wait()
                 verb = "killed (did not stop in time)" if proc.pid in killed else "stopped"
                 log.info("%s %s", child.part.name, verb)
-                child.logger.info(f"[supervisor {now_iso()}] {verb}")
+                child.note(verb, "warning" if proc.pid in killed else "info")
             for child in children:
                 if child.status != "failed":
                     child.status = "stopped"

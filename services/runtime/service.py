@@ -79,4 +79,11 @@ class _ServiceApp(AsgiFastStream):
 def serve(app: AsgiFastStream, settings: Settings) -> None:
     """Run the app under uvicorn on ``CONVEYOR_HTTP_PORT`` until SIGTERM."""
     get_logger().info("starting", service=settings.service, http_port=settings.http_port)
-    uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_level="warning", access_log=False)
+    uvicorn.run(  # log_config None: uvicorn's records go to the JSON handler of setup_logging
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level="warning",
+        log_config=None,
+        access_log=False,
+    )

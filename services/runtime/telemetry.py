@@ -7,6 +7,7 @@ so a log line leads to its trace and its event.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from contextvars import ContextVar
@@ -59,19 +60,53 @@ def _add_trace_context(_: Any, __: str, event_dict: MutableMapping[str, Any]) ->
     return event_dict
 
 
+# Libraries whose INFO is a line per HTTP call (serving's requests to Triton) or per SQL statement (what
+# MLflow quietens itself when it configures logging): their warnings still show.
+CHATTY_LOGGERS = ("httpx", "httpcore", "urllib3", "sqlalchemy.engine", "alembic")
+# MLflow's own output that is not a log record: a progress bar per artifact download, and a run's URL printed
+# to stdout when it ends (the trainer's ``trained`` line names the run instead).
+MLFLOW_QUIET = {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+
+
 def setup_logging(settings: Settings) -> None:
-    """JSON lines on stdout (the supervisor writes them to the service's rotated log file)."""
+    """JSON lines on stdout (the supervisor writes them to the service's rotated log file), the records of
+    the libraries' own loggers (MLflow, nats, faststream, httpx) included: they get the same keys, plus
+    ``logger``."""
     level = logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO)
-    logging.basicConfig(stream=sys.stdout, level=level, format="%(message)s", force=True)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_trace_context,
+    ]
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    logging.basicConfig(handlers=[handler], level=level, force=True)
+    logging.captureWarnings(True)  # a library's warnings too, as records of ``py.warnings``
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    # MLflow gives its loggers a text handler of their own when it is imported, unless told not to; where it
+    # is imported already, its handler goes and its records come to the JSON handler above
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    for name, value in MLFLOW_QUIET.items():
+        os.environ.setdefault(name, value)
+    mlflow_logger = logging.getLogger("mlflow")
+    if os.environ["MLFLOW_CONFIGURE_LOGGING"].lower() in ("false", "0"):
+        mlflow_logger.handlers, mlflow_logger.propagate = [], True
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _add_trace_context,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,

@@ -68,7 +68,12 @@ class TrainerService:
         except Exception as exc:  # a crash: reported once, not retried forever
             self.log.exception("training crashed", model=job.model)
             return _failed(job, "crash", f"{type(exc).__name__}: {exc}", None)
-        self.log.info("trained", model=job.model, version=getattr(event, "version", None))
+        self.log.info(
+            "trained",
+            model=job.model,
+            version=getattr(event, "version", None),
+            run_id=getattr(event, "run_id", None),
+        )
         return event
 
     async def trained_on(self, model: str) -> int | None:

@@ -63,6 +63,13 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     _kill_leftovers(tmp_path / "state")
 
 
+def _json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 def status_json(env: dict[str, str]) -> dict[str, Any]:
     result = conveyor(env, "status", "--json")
     return json.loads(result.stdout)
@@ -226,3 +233,9 @@ def test_the_demo_closes_the_loop(stack_env: dict[str, str]) -> None:
     status = status_json(stack_env)
     assert status["jetstream"]["dead_letters"] == 0
     assert status["jetstream"]["attention"] == []  # digits@1 drifted, but it serves nothing any more
+    # every line a service wrote through the whole loop is JSON, its libraries' records (MLflow, httpx) too
+    logs = Path(stack_env["CONVEYOR_STATE_DIR"]) / "logs"
+    for service in ("ingest", "trainer", "registry", "serving", "gateway", "monitor"):
+        lines = (logs / f"{service}.log").read_text().splitlines()
+        not_json = [line for line in lines if not _json_object(line)]
+        assert lines and not not_json, (service, not_json[:10])

@@ -52,11 +52,13 @@ class World:
         self.http: httpx.AsyncClient = httpx.AsyncClient()
 
     @asynccontextmanager
-    async def gateway(self, **env: str) -> AsyncIterator[httpx.AsyncClient]:
-        """A gateway process (two uvicorn workers) on a free port; its client."""
+    async def gateway(self, log: Path | None = None, **env: str) -> AsyncIterator[httpx.AsyncClient]:
+        """A gateway process (two uvicorn workers) on a free port; its client. ``log``: where its stdout and
+        stderr go (else this test's)."""
         port = free_port()
         proc_env = self.env | {"CONVEYOR_GATEWAY_PORT": str(port)} | env
-        proc = subprocess.Popen([sys.executable, "-m", "services.serving.gateway"], env=proc_env)
+        output = {"stdout": log.open("wb"), "stderr": subprocess.STDOUT} if log else {}
+        proc = subprocess.Popen([sys.executable, "-m", "services.serving.gateway"], env=proc_env, **output)
         base = f"http://127.0.0.1:{port}"
         try:
             async with httpx.AsyncClient(base_url=base, timeout=30) as http:
@@ -71,6 +73,8 @@ class World:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            if log:
+                output["stdout"].close()
 
     async def synced(self, http: httpx.AsyncClient) -> None:
         """Wait until every worker shows the newest rollout state written (a few answers in a row)."""
@@ -518,8 +522,9 @@ async def test_the_shadow_sees_every_request_and_changes_no_answer(world, traine
         assert dropped > 0 and dropped + compared <= 40
 
 
-async def test_bad_requests_get_clear_codes(world, trained, triton_server):
-    async with world.gateway():
+async def test_bad_requests_get_clear_codes(world, trained, triton_server, tmp_path):
+    log = tmp_path / "gateway.log"
+    async with world.gateway(log):
         event, _ = trained
         _, png = digit_png()
         no_state = await world.predict(png)  # known nowhere yet
@@ -549,6 +554,20 @@ async def test_bad_requests_get_clear_codes(world, trained, triton_server):
         }
         assert two == {"version": 2, "routes": ["shadow"], "ready": False, "deployed": False}
         assert described.json()["rollout"]["shadow_version"] == 2
+        mirrored = await world.predict(png)  # answered by version 1; its mirror to version 2 fails, logged
+        assert mirrored.status_code == 200 and mirrored.json()["version"] == 1, mirrored.text
+        for _ in range(100):
+            if await world.metric("conveyor_gateway_shadow_failed_total", model=world.model) == 1:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the failed mirror was not counted")
+        port = world.http.base_url.port
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # not HTTP: uvicorn warns
+        writer.write(b"\x16\x03\x01 not http\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
         await world.route(active_version=1)
         cases = {
             "no key": (await world.predict(png, headers={"X-API-Key": "wrong"}), 401, "unauthorized"),
@@ -607,7 +626,7 @@ async def test_bad_requests_get_clear_codes(world, trained, triton_server):
         assert await count(model=world.model, version="1", route="active", status="422") == 1  # corrupt
         assert await count(model=world.model, version="", status="422") == 1  # bad base64
         assert await count(model=world.model, version="", status="401") == 1
-        assert await count(model=world.model, version="1", route="active", status="200") == 1
+        assert await count(model=world.model, version="1", route="active", status="200") == 2  # +mirrored
         assert await count(model="", status="404") == 2  # before the model was known, and Not_A_Model
         assert "Not_A_Model" not in (await world.http.get("/metrics")).text
         documented = (await world.http.get("/openapi.json")).json()["paths"]
@@ -648,6 +667,13 @@ async def test_bad_requests_get_clear_codes(world, trained, triton_server):
             await asyncio.sleep(0.05)
         assert errors and errors[0].version == 9 and errors[0].error == "triton_unavailable"
         assert errors[0].label is None and errors[0].latency_ms >= 0
+
+    # What the workers wrote, their records and uvicorn's, is JSON lines naming the service
+    lines = [json.loads(line) for line in log.read_text().splitlines()]  # one that is not JSON fails here
+    assert lines and all(line["service"] == "gateway" and line["level"] for line in lines), lines
+    shadow = [line for line in lines if line["event"] == "shadow request failed"]
+    assert shadow and shadow[0]["level"] == "warning" and shadow[0]["model"] == world.model, lines
+    assert any(line.get("logger") == "uvicorn.error" and "Invalid HTTP" in line["event"] for line in lines)
 
 
 async def test_a_stalled_client_or_a_stuck_triton_gets_an_answer_in_time(world, trained, triton_server):

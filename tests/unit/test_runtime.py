@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import structlog
@@ -161,3 +165,44 @@ def test_nats_config_keeps_given_passwords_and_generates_the_rest(tmp_path):
     assert len(config.passwords) == 6 and all(config.passwords.values())
     text = config.render()
     assert '"127.0.0.1:14222"' in text and "jetstream" in text
+
+
+def test_the_records_of_libraries_are_json_lines_too():
+    # A fresh interpreter as a service starts: setup_logging first, MLflow imported after (as services do)
+    script = """
+import logging, warnings
+from services.runtime.config import Settings
+from services.runtime.telemetry import get_logger, setup_logging
+setup_logging(Settings(service="registry"))
+import mlflow
+from mlflow.environment_variables import (
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as BAR, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT as NO_URL)
+logging.getLogger("mlflow.store").info("waiting for the model version")
+logging.getLogger("httpx").info("HTTP Request: POST http://triton/v2/repository/models/digits/load")
+logging.getLogger("httpx").warning("connection refused")
+warnings.warn("an old API", FutureWarning)
+try:
+    1 / 0
+except ZeroDivisionError:
+    logging.getLogger("nats").exception("callback failed")
+get_logger().info("quiet mlflow", progress_bar=BAR.get(), prints_run_url=not NO_URL.get())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd=root
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]  # each line is JSON, or this fails
+    by_event = {line["event"]: line for line in lines}
+    mlflow_line = by_event["waiting for the model version"]
+    assert mlflow_line["logger"] == "mlflow.store" and mlflow_line["service"] == "registry"
+    assert mlflow_line["level"] == "info" and "timestamp" in mlflow_line
+    assert not any("HTTP Request" in line["event"] for line in lines)  # a line per call: below WARNING
+    assert by_event["connection refused"]["level"] == "warning"
+    assert any("an old API" in line["event"] and line["logger"] == "py.warnings" for line in lines)
+    failed = by_event["callback failed"]
+    assert failed["level"] == "error" and "ZeroDivisionError" in failed["exception"]
+    quiet = by_event["quiet mlflow"]
+    assert quiet["progress_bar"] is False and quiet["prints_run_url"] is False
+    assert not result.stderr.strip(), result.stderr

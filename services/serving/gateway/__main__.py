@@ -29,5 +29,6 @@ uvicorn.run(
     http=NoDelayHttpToolsProtocol,  # TCP_NODELAY also when the socket is shared with the workers
     loop="uvloop",
     log_level="warning",
+    log_config=None,  # uvicorn's records go to the JSON handler of setup_logging (create_app, in each worker)
     access_log=False,
 )

@@ -75,7 +75,7 @@ from services.runtime.preprocessing import (
 )
 from services.runtime.s3 import s3_client
 from services.runtime.tasks import cancel
-from services.runtime.telemetry import get_logger
+from services.runtime.telemetry import get_logger, setup_logging
 from services.serving.gateway.catalog import Catalog, ServedSpec
 from services.serving.gateway.config import GatewaySettings
 from services.serving.gateway.joiner import Joiner, Rows
@@ -826,6 +826,7 @@ def _json_images(body: bytes) -> list[bytes]:
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """The gateway app of one worker (``uvicorn --factory services.serving.gateway.app:create_app``)."""
     s = settings or GatewaySettings()
+    setup_logging(s)  # each worker is a process of its own, which ``__main__`` did not set up
     gateway = Gateway(s)
     keys = [k.get_secret_value().encode() for k in s.gateway_api_keys]
 
