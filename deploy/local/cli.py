@@ -1,9 +1,10 @@
-"""The ``conveyor`` command: the embedded stack (up, down, status, demo), the bus (events, dlq, policy) and
-each service's own commands (upload, datasets, train, lineage, models, promote, rollback, route, audit,
-canary-verdict)."""
+"""The ``conveyor`` command: the embedded stack (up, down, status, logs, demo), the bus (events, dlq,
+policy) and each service's own commands (upload, datasets, train, lineage, models, promote, rollback, route,
+audit, canary-verdict)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from typing import Annotated, Any
@@ -18,8 +19,10 @@ from deploy.local.buscli import settings as bus_settings
 from deploy.local.config import StackSettings
 from deploy.local.demo import run_demo
 from deploy.local.lifecycle import preflight, spawn_supervisor, stop_stack
+from deploy.local.logs import LEVELS, follow, last_lines, log_files, render
 from deploy.local.parts import tail
 from deploy.local.secrets import LocalSecrets
+from deploy.local.services import STACK_SERVICES
 from deploy.local.state import read_json, running_supervisor
 from deploy.local.status import collect_status
 from services.ingest.cli import datasets_command, upload_command
@@ -61,6 +64,19 @@ app.command("route")(route_command(bus_settings))
 app.command("audit")(audit_command(bus_settings))
 app.command("canary-verdict")(canary_verdict_command(bus_settings))
 app.command("drift")(drift_command(bus_settings))
+
+
+def _unwrap_help(group: typer.Typer) -> None:
+    """Each command's docstring with its paragraphs on one line each: Typer keeps the line breaks of every
+    paragraph after the first, which then break mid-sentence in ``--help``."""
+    for command in group.registered_commands:
+        doc = command.help or inspect.getdoc(command.callback)
+        if doc:
+            command.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _unwrap_help(sub.typer_instance)
+
 
 console = Console()
 err = Console(stderr=True)
@@ -181,7 +197,7 @@ def up(
 
 @app.command()
 def down() -> None:
-    """Stop the embedded stack: every service and server, in reverse start order, and wait for them."""
+    """Stop the embedded stack: the services side by side, then the servers, and wait for them."""
     settings = StackSettings()
     report = stop_stack(settings)
     if report.supervisor_pid is None and not report.orphans:
@@ -265,6 +281,62 @@ def status(
 
 
 @app.command()
+def logs(
+    parts: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Parts to show (ingest, trainer, ..., gateway, nats, mlflow, triton, supervisor); "
+            "default: the services.",
+            show_default=False,
+        ),
+    ] = None,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many of the last lines.")] = 40,
+    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Then keep printing new lines.")] = False,
+    level: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Only JSON lines at this level or above ({', '.join(LEVELS)}); leaves out the "
+            "servers' own lines."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the lines as written.")] = False,
+) -> None:
+    """Show the parts' logs from .conveyor/logs/, merged by time: `conveyor logs trainer -f`.
+
+    A service's JSON lines become `time part level event key=value`; a server's lines are shown as they are.
+    Works whether the stack is up or not; the files themselves are .conveyor/logs/<part>.log (rotated at
+    10 MB into <part>.log.1 ... .3)."""
+    settings = StackSettings()
+    files = log_files(settings.logs_dir)
+    wanted = parts or [s.name for s in STACK_SERVICES if s.name in files]
+    if level is not None and level.lower() not in LEVELS:
+        err.print(f"--level {level!r}: one of {', '.join(LEVELS)}", markup=False)
+        raise typer.Exit(2)
+    if unknown := [p for p in wanted if p not in files]:
+        known = ", ".join(files) or f"none: {settings.logs_dir} holds no log (has `conveyor up` run here?)"
+        err.print(f"no log for {', '.join(unknown)}; the parts with logs: {known}", markup=False)
+        raise typer.Exit(2)
+    chosen = {p: files[p] for p in wanted}
+    threshold = level.lower() if level else None
+    width = max(map(len, chosen))
+
+    def show(line: Any) -> None:
+        if as_json:
+            typer.echo(line.text)
+        else:
+            console.print(render(line, width), highlight=False, soft_wrap=True)
+
+    for line in last_lines(chosen, lines, threshold):
+        show(line)
+    if follow_:
+        try:
+            for line in follow(chosen, threshold):
+                show(line)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
 def demo() -> None:
     """Start the stack if needed and run the whole loop on scikit-learn's digits (a few minutes).
 
@@ -277,6 +349,9 @@ def demo() -> None:
     _print_status(result)
     run_demo(settings.with_secrets(LocalSecrets.load_or_create(settings.state_dir)), console)
     console.print("`conveyor down` stops everything; the data stays for the next `conveyor up`.")
+
+
+_unwrap_help(app)  # last: every command is registered by now
 
 
 def main() -> None:

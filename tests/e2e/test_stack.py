@@ -149,6 +149,17 @@ def test_up_status_down_up_keeps_the_data(stack_env: dict[str, str]) -> None:
     assert all(port_is_free(port) for port in stack_ports(stack_env))
     stopped = status_json(stack_env)
     assert stopped["running"] is False
+    # `conveyor logs` reads the files, whether the stack is up or not: each service started, then stopped
+    logs = conveyor(stack_env, "logs", "-n", "400", "--json")
+    assert logs.returncode == 0, logs.stderr
+    said = [json.loads(line) for line in logs.stdout.splitlines()]
+    for service in ("ingest", "trainer", "registry", "serving", "gateway", "monitor"):
+        mine = [r["event"] for r in said if r.get("part") == service and r["service"] == "supervisor"]
+        assert mine[-2:] == ["started", "stopped"], (service, mine)
+    shown = conveyor(stack_env, "logs", "nats", "trainer", "-n", "5")
+    assert shown.returncode == 0 and "(supervisor) stopped" in shown.stdout, shown.stdout + shown.stderr
+    unknown = conveyor(stack_env, "logs", "nosuch")
+    assert unknown.returncode == 2 and "the parts with logs" in unknown.stderr and "triton" in unknown.stderr
 
     up(stack_env)
     after = status_json(stack_env)
