@@ -207,8 +207,9 @@ def _describe(event: Event) -> str:
         return f"{event.dataset}@{event.version}: {event.added} new files"
     if isinstance(event, ModelTrained):
         return (
-            f"{event.model}@{event.version} trained on {event.dataset.name}@{event.dataset.version} in "
-            f"{event.training_seconds:.1f} s: test accuracy {event.metrics.test_accuracy:.3f}"
+            f"model {event.model}@{event.version} trained on dataset {event.dataset.name}@"
+            f"{event.dataset.version} in {event.training_seconds:.1f} s: test accuracy "
+            f"{event.metrics.test_accuracy:.3f}"
         )
     if isinstance(event, ModelPromoted):
         return f"{event.model}@{event.version} → [bold]{event.to_stage}[/] ({event.reason})"

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import MutableMapping
 from contextvars import ContextVar
+from types import TracebackType
 from typing import Any
 
 import structlog
@@ -95,6 +96,7 @@ def setup_logging(settings: Settings) -> None:
     )
     logging.basicConfig(handlers=[handler], level=level, force=True)
     logging.captureWarnings(True)  # a library's warnings too, as records of ``py.warnings``
+    sys.excepthook = _log_crash  # the traceback of a service that dies, as its last JSON line
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     # MLflow gives its loggers a text handler of their own when it is imported, unless told not to; where it
@@ -112,6 +114,13 @@ def setup_logging(settings: Settings) -> None:
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=settings.service)
+
+
+def _log_crash(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    logging.getLogger("conveyor").critical("crashed", exc_info=(kind, value, tb))
 
 
 def get_logger(**bound: Any) -> Any:

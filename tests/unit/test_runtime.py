@@ -205,4 +205,14 @@ get_logger().info("quiet mlflow", progress_bar=BAR.get(), prints_run_url=not NO_
     assert failed["level"] == "error" and "ZeroDivisionError" in failed["exception"]
     quiet = by_event["quiet mlflow"]
     assert quiet["progress_bar"] is False and quiet["prints_run_url"] is False
+
+    # and a service that dies says why in its last line
+    crash = script + "raise RuntimeError('the store is gone')\n"
+    died = subprocess.run(
+        [sys.executable, "-c", crash], capture_output=True, text=True, timeout=120, env=env, cwd=root
+    )
+    assert died.returncode == 1 and not died.stderr.strip(), died.stderr
+    last = json.loads(died.stdout.splitlines()[-1])
+    assert last["event"] == "crashed" and last["level"] == "critical" and last["service"] == "registry"
+    assert "RuntimeError: the store is gone" in last["exception"]
     assert not result.stderr.strip(), result.stderr
