@@ -62,7 +62,8 @@ def _lines(part: str, texts: list[str], before: str = "") -> list[Line]:
     return out
 
 
-def _tail(path: Path, count: int) -> list[str]:
+def _tail(path: Path, count: int | None) -> list[str]:
+    """The last ``count`` lines of ``path`` (None: all of its last READ_BACK_BYTES)."""
     with path.open("rb") as handle:
         handle.seek(0, os.SEEK_END)
         size = handle.tell()
@@ -70,7 +71,7 @@ def _tail(path: Path, count: int) -> list[str]:
         texts = handle.read().decode("utf-8", errors="replace").splitlines()
     if size > READ_BACK_BYTES:
         texts = texts[1:]  # the first one is cut
-    return texts[-count:] if count else []
+    return texts if count is None else texts[-count:] if count else []
 
 
 def at_least(line: Line, level: str | None) -> bool:
@@ -88,9 +89,9 @@ def last_lines(files: dict[str, Path], count: int, level: str | None = None) -> 
     """The last ``count`` lines at ``level`` or above across ``files``, oldest first, merged by time (a
     stable sort: a file's lines keep their order)."""
     merged: list[Line] = []
-    for part, path in files.items():
-        lines = [line for line in _lines(part, _tail(path, count * 4 + 100)) if at_least(line, level)]
-        merged += lines[-count:]
+    for part, path in files.items():  # the last ``count`` overall are among each file's last ``count``
+        texts = _tail(path, None if level else count)  # a level leaves out lines: look further back
+        merged += [line for line in _lines(part, texts) if at_least(line, level)][-count:]
     merged.sort(key=lambda line: line.at)
     return merged[-count:] if count else []
 

@@ -60,6 +60,9 @@ def test_the_last_lines_of_several_parts_merge_by_time_and_filter_by_level(tmp_p
     ]
     assert len(warned) == 2
     assert last_lines(files, 0) == []
+    write(tmp_path / "trainer.log", *(record(f"01:{i:02}.000000", f"later {i}") for i in range(50)))
+    # the last warning is 50 lines back in its file, and found
+    assert [line.record["event"] for line in last_lines(files, 1, "warning") if line.record] == ["c"]
 
 
 def test_a_line_renders_as_time_part_level_event_and_its_fields(tmp_path):
