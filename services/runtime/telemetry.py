@@ -107,10 +107,10 @@ def setup_logging(settings: Settings) -> None:
     mlflow_logger = logging.getLogger("mlflow")
     if os.environ["MLFLOW_CONFIGURE_LOGGING"].lower() in ("false", "0"):
         mlflow_logger.handlers, mlflow_logger.propagate = [], True
-    structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+    structlog.configure(  # through the one handler, so that lines from two threads never interleave
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=settings.service)

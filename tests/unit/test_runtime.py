@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from contracts.names import SERVICES, Subjects, durable_name, service_durables
 from deploy.local.natsconf import NatsConfig, service_permissions
 from services.runtime.config import Settings
 from services.runtime.errors import InvalidEvent, PermanentError, TransientError, classify
-from services.runtime.telemetry import current_event_id, get_logger, setup_logging
+from services.runtime.telemetry import MLFLOW_QUIET, current_event_id, get_logger, setup_logging
 
 pytestmark = pytest.mark.unit
 
@@ -70,7 +71,22 @@ def test_local_mode_accepts_defaults_and_reads_the_environment(monkeypatch):
         Settings()
 
 
-def test_json_logs_carry_service_trace_span_and_event_id(capsys):
+@pytest.fixture
+def logging_restored(monkeypatch):
+    """setup_logging changes the process: the root logger's handlers, the excepthook, MLflow's variables."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    for name in ("MLFLOW_CONFIGURE_LOGGING", *MLFLOW_QUIET):
+        monkeypatch.setenv(name, "unset")  # so that monkeypatch puts back what was there, or nothing
+        monkeypatch.delenv(name)
+    yield
+    root.handlers, root.level = handlers, level
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+def test_json_logs_carry_service_trace_span_and_event_id(capsys, logging_restored):
     setup_logging(Settings(service="trainer"))
     tracer = TracerProvider().get_tracer("test")
     token = current_event_id.set("evt-123")
@@ -79,8 +95,6 @@ def test_json_logs_carry_service_trace_span_and_event_id(capsys):
             get_logger().info("training started", model="digits")
     finally:
         current_event_id.reset(token)
-        structlog.reset_defaults()  # the logger wrote to capsys's stdout; later tests must not
-        structlog.contextvars.clear_contextvars()
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ctx = span.get_span_context()
     assert line["event"] == "training started" and line["model"] == "digits"
