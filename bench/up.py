@@ -3,8 +3,8 @@
 In a temporary state dir on free ports: the first ``up`` (it creates the secrets, the buckets, the streams
 and the repositories), ``down``, then a second ``up`` on the state the first left, and ``down`` again. Each
 ``up`` returns when every server and service answers its health check (target: the whole stack in < 45 s,
-its servers in < 30 s, on the 2-core development machine); the supervisor starts the parts one after the
-other, and each one's seconds from start to healthy are printed too.
+its servers in < 30 s, on the 2-core development machine); the supervisor starts the servers side by side,
+then the services side by side, and each part's seconds from its start to healthy are printed too.
 
 Run: ``.venv/bin/python bench/up.py`` (``make bench``).
 """

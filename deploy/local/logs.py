@@ -19,8 +19,9 @@ from rich.markup import escape
 __all__ = ["LEVELS", "Line", "follow", "last_lines", "log_files", "render"]
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
-# Keys every line has, or that lead to a trace rather than explain the line: shown by --json only.
-HIDDEN = ("timestamp", "level", "service", "event", "span_id", "event_id", "trace_id")
+# Keys every line has or the rendering shows already (a supervisor line's ``part``), or that lead to a trace
+# rather than explain the line: shown by --json only.
+HIDDEN = ("timestamp", "level", "service", "event", "part", "span_id", "event_id", "trace_id")
 READ_BACK_BYTES = 4 * 1024 * 1024  # of each file, for the last lines
 
 
@@ -160,6 +161,6 @@ def render(line: Line, width: int = 8) -> str:
     event = str(record.get("event", ""))
     if record.get("service") == "supervisor":
         event = f"(supervisor) {event}"
-    fields = " ".join(f"{k}={_value(v)}" for k, v in record.items() if k not in HIDDEN and k != "part")
+    fields = " ".join(f"{k}={_value(v)}" for k, v in record.items() if k not in HIDDEN)
     text = f"{line.at[11:23]} {part} {shown} {escape(event)}"
     return text + (f"  [dim]{escape(fields)}[/]" if fields else "")
